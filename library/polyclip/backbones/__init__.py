@@ -1,0 +1,23 @@
+"""Image encoders behind one interface, built by one factory."""
+
+from polyclip.backbones.base import (
+    Backbone,
+    Preprocessing,
+    images_to_unit,
+    normalize_images,
+    preprocess_images,
+)
+from polyclip.backbones.factory import BackboneError, arch_spec, create_backbone, load_backbone, save_backbone
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "Preprocessing",
+    "arch_spec",
+    "create_backbone",
+    "images_to_unit",
+    "load_backbone",
+    "normalize_images",
+    "preprocess_images",
+    "save_backbone",
+]

@@ -1,0 +1,1 @@
+"""Run reports: tables and plots people would rather look at than read."""
