@@ -1,0 +1,261 @@
+"""Typed job configs: YAML plus dotted ``key=value`` overrides, validated before Ray starts.
+
+Configs are parsed here, at the job boundary, and only plain values go on into the
+library. An unknown or mistyped key fails with its dotted name and the valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names every bad key and what is valid there."""
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Which images, and how they are split."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    image_size: int | None = Field(None, gt=0, description="decode size for imagefolder data")
+    labels_per_class: int = Field(10, description="k labeled images per class; -1 for all")
+    val_per_class: int = Field(50, ge=0)
+    unlabeled: int | None = Field(None, ge=0, description="cap on the unlabeled pool; null for all")
+    test_limit: int | None = Field(None, gt=0, description="cap on test images; null for the full test set")
+    strict: bool = False
+    synthetic_size: int = Field(2000, gt=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value.partition(":")[0] not in {"fashion_mnist", "imagefolder", "synthetic"}:
+            raise ValueError(f"unknown dataset {value!r}; valid: fashion_mnist, imagefolder:<path>, synthetic")
+        return value
+
+    @field_validator("labels_per_class")
+    @classmethod
+    def _positive_k(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("labels_per_class must be >= 1, or -1 for every label")
+        return value
+
+
+class BackboneConfig(StrictModel):
+    """The image encoder (see ``polyclip.backbones.factory``)."""
+
+    spec: str = "efficientnet_lite:0"
+    image_size: int | None = Field(None, gt=0)
+
+    @field_validator("spec")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        kinds = {"efficientnet_lite", "timm", "open_clip", "random", "checkpoint", "pixels"}
+        if value.partition(":")[0] not in kinds:
+            raise ValueError(f"unknown backbone spec {value!r}; kinds: {', '.join(sorted(kinds))}")
+        return value
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, shared by every method."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0, description="per worker")
+    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over the largest stream")
+    optimizer: Literal["sgd", "adam", "adamw", "lars"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    scheduler: Literal["cosine", "constant", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    eval_every: int = Field(1, gt=0, description="validate every N epochs")
+
+
+class ScalingSection(StrictModel):
+    """How many Ray Train workers, and on what."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunSection(StrictModel):
+    """Where results go and how failures are handled."""
+
+    output_dir: str = "runs"
+    storage_path: str | None = Field(None, description="Ray storage (local dir, NFS or s3://...); default <output_dir>/<name>/ray")
+    cache_dir: str = ".cache/features"
+    max_failures: int = Field(2, ge=-1)
+    num_checkpoints: int = Field(2, gt=0)
+    encode_workers: int = Field(2, gt=0, description="parallel Ray tasks for feature caching")
+
+
+class WordVectorsSection(StrictModel):
+    """Word vectors for label semantics (CES, DeViSE, semantic error metrics)."""
+
+    source: str = "glove-6b-50d"
+    head_word: bool = False
+    overrides: dict[str, str] = Field(default_factory=dict)
+
+
+class JobConfig(StrictModel):
+    """A whole training job."""
+
+    name: str
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: Any = Field(..., description="method.name picks the method; its other keys are the method's")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    word_vectors: WordVectorsSection | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
+            raise ValueError(f"name {value!r} must be a non-empty folder name without slashes or spaces")
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_params(cls, value: Any) -> BaseModel:
+        from jobs.recipes import RECIPES
+
+        if isinstance(value, BaseModel):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError(f"method needs a 'name'; valid: {', '.join(sorted(RECIPES))}")
+        name = value["name"]
+        if name not in RECIPES:
+            raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(RECIPES))}")
+        return RECIPES[name].params.model_validate(value)
+
+    @model_validator(mode="after")
+    def _storage_default(self) -> JobConfig:
+        if self.run.storage_path is None:
+            # Inside the run folder, so deleting a run also deletes its resumable state.
+            object.__setattr__(self.run, "storage_path", str(Path(self.run.output_dir, self.name, "ray").resolve()))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.name
+
+    def dump(self) -> dict[str, Any]:
+        """Plain dict (round-trips through :func:`parse_config`)."""
+        return self.model_dump(mode="json")
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (``0.1``, ``true``, ``[1, 2]``, ``null``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place; returned too)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return data
+
+
+def _section_model(loc: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
+    """The model that validates the section at ``loc`` (for listing valid keys)."""
+    model: type[BaseModel] | None = JobConfig
+    node: Any = data
+    for part in loc:
+        if model is None:
+            return None
+        if model is JobConfig and part == "method":
+            from jobs.recipes import RECIPES
+
+            name = node.get("method", {}).get("name") if isinstance(node, dict) else None
+            model = RECIPES[name].params if name in RECIPES else None
+            node = node.get("method", {})
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return model
+
+
+def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
+    """Explain a pydantic error with dotted keys and, for unknown keys, the valid ones."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1], data)
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+            lines.append(f"unknown key {dotted!r}{hint}; valid keys here: {', '.join(valid)}")
+        else:
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{dotted or '<root>'}: {err['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> JobConfig:
+    """Validate a config dict.
+
+    Raises:
+        ConfigError: Naming every bad key.
+    """
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML config, apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: Missing file, bad YAML, or invalid keys/values.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping")
+    return parse_config(apply_overrides(data, overrides or []))

@@ -1,0 +1,33 @@
+"""``method.name: probe``: a linear or MLP probe on cached features of any backbone."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from polyclip.methods.probe import ProbeTask
+from pydantic import Field
+
+from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+
+
+class ProbeParams(MethodParams):
+    name: Literal["probe"] = "probe"
+    hidden: int = Field(0, ge=0, description="hidden width; 0 with depth 1 is a linear probe")
+    depth: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    l2_normalize: bool = True
+
+
+def prepare(ctx: PrepareContext, params: ProbeParams) -> dict[str, Any]:
+    spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
+    payload: dict[str, Any] = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
+    payload["info"] = {"num_features": int(payload["train"]["x"].shape[1])}
+    return payload
+
+
+def build_task(cfg: Any, params: ProbeParams, payload: dict[str, Any]) -> ProbeTask:
+    return ProbeTask(payload["info"]["num_features"], len(payload["class_names"]), hidden=params.hidden,
+                     depth=params.depth, dropout=params.dropout, l2_normalize=params.l2_normalize)
+
+
+RECIPE = Recipe(params=ProbeParams, prepare=prepare, build_task=build_task)

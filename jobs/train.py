@@ -1,0 +1,161 @@
+"""Run one training job on Ray Train.
+
+Usage::
+
+    python -m jobs.train --config jobs/configs/demo.yaml [dotted.key=value ...] [--address ADDR]
+
+The config is validated before Ray starts. The job loads the dataset, draws the seeded
+split, lets the method's recipe prepare its data (feature caching runs in parallel on
+the cluster), trains with ``TorchTrainer`` on ``scaling.num_workers`` workers, and writes
+the run directory: ``config.yaml``, ``split.json``, ``metrics.json``, ``report.md``,
+``confusion.png``, ``curves.png`` and the final ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from polyclip.data.datasets import Dataset, load_dataset
+from polyclip.data.splits import Split, make_split
+from polyclip.features.cache import FeatureCache
+from polyclip.io import atomic_write_text
+from polyclip.reports.run_report import summary_row, write_run_report
+from polyclip.reports.tables import markdown_table
+
+from jobs.config import ConfigError, JobConfig, load_config
+from jobs.features import cached_features
+from jobs.recipes import RECIPES, PrepareContext
+from jobs.runtime import init_ray, setup_logging
+
+logger = logging.getLogger("polyclip")
+
+#: Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = ("train.epochs", "run", "scaling")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML job config")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def load_data(cfg: JobConfig) -> tuple[Dataset, Split]:
+    """The dataset and the seeded split of a job."""
+    data = cfg.data
+    dataset = load_dataset(data.dataset, root=data.root, image_size=data.image_size, strict=data.strict,
+                           synthetic_size=data.synthetic_size, seed=cfg.seed)
+    split = make_split(
+        dataset.train.labels, dataset.class_names, labels_per_class=data.labels_per_class, seed=cfg.seed,
+        val_per_class=data.val_per_class, unlabeled=data.unlabeled,
+        test_labels=dataset.test.labels if dataset.test is not None else None, test_limit=data.test_limit,
+    )
+    return dataset, split
+
+
+def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[str, Any]) -> dict[str, Any]:
+    """Run the method's ``prepare`` on the driver (feature caching included)."""
+    cache = FeatureCache(cfg.run.cache_dir)
+
+    def features(spec: str, image_size: int | None, subset: str) -> np.ndarray:
+        pool = "test" if subset == "test" and split.test_from == "test" else "train"
+        indices = getattr(split, subset)
+        images = (dataset.test if pool == "test" else dataset.train).images[indices]  # type: ignore[union-attr]
+        return cached_features(cache, spec, image_size, dataset.fingerprint, dataset.spec, pool, indices, images,
+                               num_workers=cfg.run.encode_workers, stats=stats)
+
+    ctx = PrepareContext(cfg=cfg, dataset=dataset, split=split, features=features)
+    payload = RECIPES[cfg.method.name].prepare(ctx, cfg.method)
+    payload["class_names"] = list(dataset.class_names)
+    return payload
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def check_resumable(cfg: JobConfig) -> None:
+    """Refuse to resume a run whose stored config differs in more than epochs/run/scaling."""
+    stored = cfg.run_dir / "config.yaml"
+    if not stored.exists():
+        return
+    old, new = _flatten(yaml.safe_load(stored.read_text())), _flatten(cfg.dump())
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS))
+    if changed:
+        raise ConfigError(
+            f"run {cfg.name!r} exists in {cfg.run_dir} with a different config ({', '.join(changed)}); "
+            "pick a new name, or delete that folder to start over"
+        )
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run a validated job on the connected Ray cluster; return its metrics."""
+    import ray
+
+    from jobs.trainer import build_trainer, read_final_checkpoint
+
+    t0 = time.perf_counter()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset, split = load_data(cfg)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
+    split.save(run_dir / "split.json")
+    logger.info("%s: %d classes, %d labeled, %d unlabeled, %d val, %d test images", dataset.spec,
+                dataset.num_classes, len(split.labeled), len(split.unlabeled), len(split.val), len(split.test))
+    stats: dict[str, Any] = {}
+    payload = prepare_payload(cfg, dataset, split, stats)
+    t_prepared = time.perf_counter()
+    trainer = build_trainer(cfg, ray.put(payload))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.name!r} finished without a checkpoint (error: {result.error})")
+    final = read_final_checkpoint(result.checkpoint, run_dir)
+    arrays = final["arrays"]
+    extra = {
+        "feature_cache": stats,
+        "skipped_files": [{"path": p, "reason": r} for p, r in dataset.skipped],
+        "num_skipped_files": len(dataset.skipped),
+        "seconds": {"prepare": round(t_prepared - t0, 2), "train": round(time.perf_counter() - t_prepared, 2)},
+        "ray_storage": str(result.path),
+    }
+    metrics = write_run_report(
+        run_dir, name=cfg.name, class_names=dataset.class_names, test_logits=arrays["test_logits"],
+        test_labels=arrays["test_labels"], train_labels=payload["train"]["y"], history=final["history"],
+        val_logits=arrays["val_logits"], val_labels=arrays["val_labels"], extra=extra,
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point; returns the run's metrics (callable from tests)."""
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_resumable(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    init_ray(args.address)
+    metrics = run_job(cfg)
+    print(markdown_table([summary_row(metrics)]))
+    print(f"run directory: {Path(cfg.run_dir).resolve()}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
