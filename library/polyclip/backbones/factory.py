@@ -206,7 +206,9 @@ def _open_clip(spec: str, arg: str, image_size: int | None, *, random_init: bool
     if arch not in open_clip.list_models():
         raise BackboneError(f"{spec!r}: open_clip has no architecture {arch!r}")
     try:
-        model, _, _preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+        model, _, _preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained or None, force_image_size=image_size
+        )
     except Exception as exc:
         raise BackboneError(
             f"{spec!r}: could not load CLIP weights {pretrained!r} ({type(exc).__name__}: {exc}). "

@@ -1,0 +1,61 @@
+# polyclip: two commands do all set-up on a fresh machine:
+#   make demo   # venv + pinned deps + data + local Ray cluster + the demo job + serving
+#   make test   # venv + pinned deps + data + the default test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA_DIR ?= data/fashion-mnist
+DEMO_CONFIG ?= jobs/configs/demo.yaml
+DASHBOARD_PORT ?= 8265
+export RAY_USAGE_STATS_ENABLED := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install data demo test test-slow lint lock cluster-up cluster-down clean
+
+# The venv is rebuilt when the pins change.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip==26.0.1" || true
+	$(PIP) install --quiet -c requirements.lock -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST: the Debian package when apt is usable as root, else torchvision's download.
+data: install
+	@if $(PY) -c "from polyclip.data.datasets import fashion_mnist_root; fashion_mnist_root()" 2>/dev/null; then \
+		echo "Fashion-MNIST: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) && echo "Fashion-MNIST: installed (Debian)"; \
+	else \
+		$(PY) -m polyclip.data.download fashion_mnist $(DATA_DIR); \
+	fi
+
+test: data
+	$(PY) -m pytest -q --timeout 600 -p no:randomly
+
+test-slow: data
+	$(PY) -m pytest -q --timeout 1800 -m slow
+
+lint: install
+	$(VENV)/bin/ruff check library jobs serve tests
+	$(VENV)/bin/mypy
+
+# Regenerate the lock from the pins in pyproject.toml.
+lock: install
+	$(PIP) freeze --exclude-editable | grep -v '^polyclip' > requirements.lock
+
+cluster-up: install
+	PATH=$(abspath $(VENV))/bin:$$PATH cluster/local/up.sh
+
+cluster-down:
+	PATH=$(abspath $(VENV))/bin:$$PATH cluster/local/down.sh
+
+demo: data
+	PATH=$(abspath $(VENV))/bin:$$PATH jobs/demo.sh $(DEMO_CONFIG)
+
+clean:
+	rm -rf runs .cache

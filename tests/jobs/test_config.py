@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, apply_overrides, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").rglob("*.yaml"))
+SWEEP_DIR = "sweeps"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if SWEEP_DIR not in p.parts], ids=lambda p: p.name)
+def test_every_shipped_job_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.method.name
+
+
+def _base():
+    return {"name": "t", "method": {"name": "probe"}}
+
+
+def test_unknown_key_names_itself_and_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config({**_base(), "train": {"lrr": 0.1}})
+    message = str(err.value)
+    assert "unknown key 'train.lrr'" in message and "did you mean 'train.lr'" in message
+    assert "batch_size" in message and "epochs" in message
+
+
+def test_unknown_method_key_lists_the_methods_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'method.hiden'.*hidden"):
+        parse_config({"name": "t", "method": {"name": "probe", "hiden": 3}})
+
+
+def test_unknown_method_lists_valid_methods():
+    with pytest.raises(ConfigError, match=r"unknown method 'magic'.*probe"):
+        parse_config({"name": "t", "method": {"name": "magic"}})
+
+
+def test_bad_value_names_the_key_and_value():
+    with pytest.raises(ConfigError, match=r"train.epochs.*got -1"):
+        parse_config({**_base(), "train": {"epochs": -1}})
+    with pytest.raises(ConfigError, match="unknown backbone spec"):
+        parse_config({**_base(), "backbone": {"spec": "resnet"}})
+
+
+def test_dotted_overrides_parse_like_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\nmethod: {name: probe}\n")
+    cfg = load_config(path, ["train.lr=0.05", "scaling.num_workers=3", "data.test_limit=null", "method.depth=2"])
+    assert cfg.train.lr == 0.05 and cfg.scaling.num_workers == 3 and cfg.data.test_limit is None
+    assert cfg.method.depth == 2
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_config_dump_round_trips():
+    cfg = parse_config({**_base(), "train": {"epochs": 3}})
+    assert parse_config(cfg.dump()).dump() == cfg.dump()
