@@ -1,0 +1,145 @@
+"""``fit_ensemble``: heads, combiners, evaluation and cascade from feature arrays in one call.
+
+The plain-Python entry point the Ray job and the benchmark call after encoding (and
+caching) each backbone's features.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from polyclip.ensemble.cascade import cascade_curve, choose_threshold
+from polyclip.ensemble.combiner import TemperatureCombiner, train_combiner
+from polyclip.ensemble.evaluate import evaluate_ensemble
+from polyclip.ensemble.heads import LinearHead, fit_linear_probe
+from polyclip.ensemble.model import BackboneInfo, Ensemble
+from polyclip.ensemble.protocol import resolve_protocol
+
+#: Thresholds of the default cascade curve; 0 (first backbone only) and 1.01 (all) bracket it.
+DEFAULT_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01)
+
+
+def fit_ensemble(
+    features_train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    features_test: Mapping[str, np.ndarray] | None = None,
+    y_test: np.ndarray | None = None,
+    *,
+    class_names: Sequence[str],
+    backbones: Mapping[str, BackboneInfo] | None = None,
+    zero_shot_heads: Mapping[str, LinearHead] | None = None,
+    protocol: str = "auto",
+    combiner_fraction: float = 0.1,
+    probe_l2: float = 1e-3,
+    hidden: int = 128,
+    combine: str = "divide",
+    positivity: str = "softplus",
+    feature_norm: str = "l2",
+    eps: float = 1e-3,
+    steps: int = 500,
+    lr: float = 2e-4,
+    weight_decay: float = 0.01,
+    batch_size: int | None = None,
+    cascade: bool = True,
+    cascade_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    max_accuracy_drop: float = 0.005,
+    seed: int = 0,
+) -> tuple[Ensemble, dict[str, object]]:
+    """Fit the adaptive ensemble on labeled features and evaluate it against the baselines.
+
+    Args:
+        features_train: Backbone name -> ``(N, D_b)`` features of the labeled images, in
+            cost order (cheapest first); every array has the same rows in the same order.
+        y_train: ``(N,)`` labels.
+        features_test: Same keys -> test features, for the evaluation and the cascade curve.
+        y_test: Test labels.
+        class_names: ``C`` class names (label ``i`` is ``class_names[i]``).
+        backbones: Name -> :class:`BackboneInfo` (spec, image size, preprocessing) for the
+            artifact; names missing here are recorded with ``spec = name`` and no image size.
+        zero_shot_heads: Name -> a given head (e.g. :func:`zero_shot_head` of CLIP text
+            embeddings); those backbones get no probe.
+        protocol: ``"auto"``, ``"split"`` or ``"shared"``; see :mod:`polyclip.ensemble.protocol`.
+        combiner_fraction: Share of each class's labels for the combiner under ``"split"``.
+        probe_l2: Ridge penalty of the linear probes.
+        hidden, combine, positivity, feature_norm, eps: See :class:`TemperatureCombiner`.
+        steps, lr, weight_decay, batch_size: See :func:`train_combiner`.
+        cascade: Also train one combiner per prefix of the cost order (for the cascade).
+        cascade_thresholds: Thresholds of the cascade curve.
+        max_accuracy_drop: Accuracy budget for picking the cascade threshold (fraction).
+        seed: Seeds the protocol split, combiner initialisation and batch order.
+
+    Returns:
+        ``(ensemble, results)``; ``results`` holds the resolved protocol, the options, the
+        final combiner losses, and with test data ``evaluation`` (:func:`evaluate_ensemble`)
+        and ``cascade`` (``curve`` and ``chosen``).
+    """
+    names = list(features_train)
+    if not names:
+        raise ValueError("fit_ensemble needs features of at least one backbone")
+    given = dict(zero_shot_heads or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"zero-shot heads for unknown backbones {unknown}; backbones: {names}")
+    y = np.asarray(y_train, dtype=np.int64)
+    num_classes = len(class_names)
+    train = {name: np.asarray(features_train[name], dtype=np.float32) for name in names}
+    for name, x in train.items():
+        if x.ndim != 2 or x.shape[0] != len(y):
+            raise ValueError(f"{name!r}: features must be (N={len(y)}, D), got {x.shape}")
+    infos = [(backbones or {}).get(name) or BackboneInfo(name=name, spec=name, num_features=train[name].shape[1])
+             for name in names]
+    for info, name in zip(infos, names):
+        if info.name != name or info.num_features != train[name].shape[1]:
+            raise ValueError(f"backbone info {info} does not match features {name!r} of dim {train[name].shape[1]}")
+
+    started = time.perf_counter()
+    split = resolve_protocol(y, num_classes, protocol=protocol, fits_heads=len(given) < len(names),
+                             combiner_fraction=combiner_fraction, seed=seed)
+    heads = [given.get(name) or fit_linear_probe(train[name][split.head_indices], y[split.head_indices],
+                                                 num_classes, l2=probe_l2) for name in names]
+    comb_features = [torch.from_numpy(train[name][split.combiner_indices]) for name in names]
+    comb_labels = torch.from_numpy(y[split.combiner_indices])
+    with torch.no_grad():
+        comb_logits = [head(x) for head, x in zip(heads, comb_features)]
+
+    prefixes = list(range(1, len(names) + 1)) if cascade else [len(names)]
+    combiners, final_losses = [], {}
+    for k in prefixes:
+        # fork_rng: seeded initialisation without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + k)
+            combiner = TemperatureCombiner([x.shape[1] for x in comb_features[:k]], hidden=hidden, combine=combine,
+                                           positivity=positivity, feature_norm=feature_norm, eps=eps)
+        losses = train_combiner(combiner, comb_features[:k], comb_logits[:k], comb_labels, steps=steps, lr=lr,
+                                weight_decay=weight_decay, batch_size=batch_size, seed=seed + k)
+        combiners.append(combiner)
+        final_losses[str(k)] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+
+    options = {"combine": combine, "positivity": positivity, "feature_norm": feature_norm, "eps": eps,
+               "hidden": hidden, "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+               "probe_l2": probe_l2, "combiner_fraction": combiner_fraction, "seed": seed,
+               "cascade_partial": "prefix_combiner" if cascade else None}
+    metadata = {**split.describe(), "options": options, "n_train": len(y)}
+    ensemble = Ensemble(infos, class_names, heads, combiners, metadata=metadata)
+    results: dict[str, object] = {**split.describe(), "options": options, "backbones": names,
+                                  "combiner_loss": final_losses, "fit_seconds": time.perf_counter() - started}
+
+    if features_test is not None:
+        if y_test is None:
+            raise ValueError("features_test given without y_test")
+        missing = [name for name in names if name not in features_test]
+        if missing:
+            raise ValueError(f"features_test lacks backbones {missing}")
+        test = [np.asarray(features_test[name], dtype=np.float32) for name in names]
+        results["evaluation"] = evaluate_ensemble(ensemble, test, y_test)
+        if cascade:
+            curve = cascade_curve(ensemble, test, np.asarray(y_test), cascade_thresholds)
+            full = results["evaluation"]["accuracy"]["adaptive"]  # type: ignore[index]
+            chosen = choose_threshold(curve, max_accuracy_drop, reference_accuracy=full)
+            results["cascade"] = {"curve": [p.to_dict() for p in curve], "chosen": chosen.to_dict(),
+                                  "max_accuracy_drop": max_accuracy_drop, "reference_accuracy": full}
+    return ensemble, results
