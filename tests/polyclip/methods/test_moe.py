@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from polyclip.methods.moe import (
+    MixtureOfExpertsTask,
+    confusion_affinity,
+    most_confused_pairs,
+    superclasses_from_confusion,
+    superclasses_from_vectors,
+)
+from polyclip.text.label_vectors import label_vectors
+from polyclip.text.word_vectors import load_word_vectors
+
+
+def _same_partition(a, b):
+    return all((a[i] == a[j]) == (b[i] == b[j]) for i in range(len(a)) for j in range(len(a)))
+
+
+def test_superclasses_from_glove_vectors_group_related_labels():
+    labels = ["cat", "dog", "horse", "airplane", "truck", "ship", "shirt", "coat", "dress"]
+    vectors = label_vectors(labels, load_word_vectors())
+    expected = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for method in ("kmeans", "agglomerative"):
+        groups = superclasses_from_vectors(vectors, 3, seed=0, method=method)
+        assert _same_partition(groups, expected), (method, groups)
+        assert groups[0] == 0 and sorted(set(groups)) == [0, 1, 2]
+    assert superclasses_from_vectors(torch.from_numpy(vectors), 3) == superclasses_from_vectors(vectors, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        superclasses_from_vectors(vectors, 10)
+
+
+def _block_confusion():
+    # Classes {0, 1, 2} confuse each other, {3, 4} each other; little across.
+    cm = np.diag([50, 50, 50, 50, 50])
+    for i, j, n in [(0, 1, 9), (1, 0, 7), (1, 2, 8), (2, 0, 6), (3, 4, 10), (4, 3, 12), (2, 3, 1)]:
+        cm[i, j] = n
+    return cm
+
+
+@pytest.mark.parametrize("method", ["agglomerative", "spectral"])
+def test_superclasses_from_confusion(method):
+    groups = superclasses_from_confusion(_block_confusion(), 2, method=method)
+    assert _same_partition(groups, [0, 0, 0, 1, 1]), groups
+    assert superclasses_from_confusion(_block_confusion(), 1) == [0] * 5
+
+
+def test_confusion_affinity_is_symmetric_rates():
+    cm = np.array([[8, 2], [1, 9]])
+    aff = confusion_affinity(cm)
+    assert aff == pytest.approx(np.array([[0, (0.2 + 0.1) / 2], [(0.2 + 0.1) / 2, 0]]))
+
+
+def test_most_confused_pairs():
+    names = ["a", "b", "c", "d", "e"]
+    cm = _block_confusion()
+    assert most_confused_pairs(cm, names, 3) == [("e", "d", 12), ("d", "e", 10), ("a", "b", 9)]
+    assert most_confused_pairs(cm, names, 2, symmetric=True) == [("d", "e", 22), ("a", "b", 16)]
+    assert len(most_confused_pairs(cm, names, 100)) == 7  # zero counts are left out
+
+
+def test_predict_is_a_normalised_factorised_distribution():
+    torch.manual_seed(0)
+    task = MixtureOfExpertsTask(12, [1, 0, 1, 2, 0, 1], 6, hidden=8, depth=2)
+    x = torch.randn(5, 12)
+    logp = task.predict(x)
+    assert logp.shape == (5, 6)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(5), atol=1e-5)
+    # Naive reference: p(c) = p(s(c)) p(c | s(c)) computed head by head.
+    xn = torch.nn.functional.normalize(x, dim=1)
+    gate = task.gate(xn).softmax(1)
+    for c, s in enumerate([1, 0, 1, 2, 0, 1]):
+        members = task.members[s]
+        within = task.experts[s](xn).softmax(1)[:, members.index(c)]
+        assert torch.allclose(logp[:, c].exp(), gate[:, s] * within, atol=1e-6)
+    # Class 3 is alone in superclass 2: its probability is the gate's.
+    assert torch.allclose(logp[:, 3].exp(), gate[:, 2], atol=1e-6)
+
+
+def test_loss_is_gate_ce_plus_true_expert_ce_and_learns():
+    torch.manual_seed(0)
+    assignment = [0, 0, 1, 1, 2]
+    task = MixtureOfExpertsTask(10, assignment, 5, expert_weight=0.5)
+    x, y = torch.randn(20, 10), torch.arange(20) % 5
+    out = task({"x": x, "y": y})
+    xn = torch.nn.functional.normalize(x, dim=1)
+    gate_ce = torch.nn.functional.cross_entropy(task.gate(xn), torch.tensor(assignment)[y])
+    expert_ce = sum(
+        -task.experts[assignment[int(c)]](xn[i:i + 1]).log_softmax(1)[0, task.members[assignment[int(c)]].index(int(c))]
+        for i, c in enumerate(y)) / 20
+    assert out["loss"].item() == pytest.approx(gate_ce.item() + 0.5 * expert_ce.item(), rel=1e-5)
+    assert out["gate_loss"].item() == pytest.approx(gate_ce.item(), rel=1e-5)
+    # Learnable: separable data reaches full accuracy.
+    centers = torch.randn(5, 10) * 3
+    x = centers[y] + 0.1 * torch.randn(20, 10)
+    opt = torch.optim.Adam(task.parameters(), lr=0.1)
+    for _ in range(100):
+        out = task({"x": x, "y": y})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["acc"] == 1.0 and (task.predict(x).argmax(1) == y).all()
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="entries"):
+        MixtureOfExpertsTask(4, [0, 1], 3)
+    with pytest.raises(ValueError, match="none empty"):
+        MixtureOfExpertsTask(4, [0, 2, 2], 3)
