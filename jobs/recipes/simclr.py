@@ -1,0 +1,81 @@
+"""``method.name: simclr``: self-supervised pretraining of the backbone on unlabeled images.
+
+The contrastive stream ``u_`` holds the images of the unlabeled pool (and, by default,
+the labeled images too, without their labels); the labeled stream trains the online
+linear probe that gives every pretraining run its val/test accuracy. The trained encoder
+lands in ``<run_dir>/checkpoint/backbone/``, so ``backbone.spec:
+checkpoint:<run_dir>/checkpoint`` reuses it in every other job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from polyclip.augment.simclr import SimCLRAugment, simclr_augment
+from polyclip.backbones import create_backbone
+from polyclip.methods.simclr import SimCLRTask
+from pydantic import Field
+
+from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+
+
+class SimCLRParams(MethodParams):
+    name: Literal["simclr"] = "simclr"
+    temperature: float = Field(0.5, gt=0, description="NT-Xent tau")
+    projection_hidden: int = Field(0, ge=0, description="hidden width of the projection MLP; 0 = encoder width")
+    projection_dim: int = Field(128, ge=1)
+    gather_negatives: bool = Field(True, description="negatives from every worker (cluster-wide batch)")
+    augment: Literal["small", "imagenet"] = Field("small", description="view preset: 28-32 px data or ImageNet")
+    crop_min_scale: float | None = Field(None, gt=0, le=1, description="override the preset's crop scale floor")
+    jitter_strength: float | None = Field(None, ge=0, description="override the colour distortion strength s")
+    blur_p: float | None = Field(None, ge=0, le=1, description="override the blur probability")
+    include_labeled_images: bool = Field(True, description="the labeled images join the contrastive pool")
+
+
+def build_augment(params: SimCLRParams, image_size: int) -> SimCLRAugment:
+    """The preset's views, with any overridden knob."""
+    preset = simclr_augment(image_size, params.augment)
+    if params.crop_min_scale is None and params.jitter_strength is None and params.blur_p is None:
+        return preset
+    small = params.augment == "small"
+    return SimCLRAugment(
+        image_size,
+        scale=(params.crop_min_scale or (0.2 if small else 0.08), 1.0),
+        jitter_strength=params.jitter_strength if params.jitter_strength is not None else (0.5 if small else 1.0),
+        blur_p=params.blur_p if params.blur_p is not None else (0.0 if small else 0.5),
+    )
+
+
+def prepare(ctx: PrepareContext, params: SimCLRParams) -> dict[str, Any]:
+    payload: dict[str, Any] = split_arrays(ctx, ctx.images)
+    pool = [ctx.images("unlabeled")]
+    if params.include_labeled_images:
+        pool.append(ctx.images("labeled"))
+    images = np.concatenate(pool)
+    if len(images) < 2:
+        raise ValueError(
+            f"SimCLR needs an image pool of at least 2 images, got {len(images)} "
+            f"(data.unlabeled={ctx.cfg.data.unlabeled}, include_labeled_images={params.include_labeled_images})"
+        )
+    payload["unlabeled"] = {"x": images}  # labels of the pool are never shipped
+    payload["info"] = {"pretrain_images": len(images)}
+    return payload
+
+
+def build_task(cfg: Any, params: SimCLRParams, payload: dict[str, Any]) -> SimCLRTask:
+    in_chans = int(payload["unlabeled"]["x"].shape[1])
+    spec = cfg.backbone.spec
+    backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
+                               in_chans=in_chans if spec.startswith(("random:", "pixels")) else None)
+    backbone.train()
+    return SimCLRTask(backbone, len(payload["class_names"]), build_augment(params, backbone.preprocessing.image_size),
+                      projection_hidden=params.projection_hidden, projection_dim=params.projection_dim,
+                      temperature=params.temperature, gather_distributed=params.gather_negatives)
+
+
+def streams(params: SimCLRParams) -> dict[str, tuple[str, int]]:
+    return {"": ("train", 1), "u_": ("unlabeled", 1)}
+
+
+RECIPE = Recipe(params=SimCLRParams, prepare=prepare, build_task=build_task, streams=streams)
