@@ -160,6 +160,7 @@ class MixtureOfExpertsTask(nn.Module):
 
     superclass_of_class: torch.Tensor
     position_in_superclass: torch.Tensor
+    _column_of_class: torch.Tensor
 
     def __init__(self, in_features: int, superclass_of_class: Sequence[int], num_classes: int, hidden: int = 0, *,
                  depth: int = 1, expert_weight: float = 1.0, l2_normalize: bool = True) -> None:
