@@ -1,0 +1,296 @@
+"""Static checks of cluster/: every YAML parses, has the fields its tool needs, and agrees
+with the pins in pyproject.toml; the shell scripts are valid bash."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+K8S = CLUSTER / "kubernetes"
+LAUNCHER = CLUSTER / "cloud" / "gpu-cluster.yaml"
+
+PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\"',]+)$")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        deps += extra
+    pins = {}
+    for dep in deps:
+        m = PIN_RE.match(dep.strip())
+        assert m, f"pyproject dependency is not an exact pin: {dep!r}"
+        pins[_norm(m.group(1))] = m.group(3)
+    return pins
+
+
+PINS = _pins()
+RAY_VERSION = PINS["ray"]
+PY_TAG = "py" + re.sub(r"\D", "", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+                       .split(",")[0])[:3]  # ">=3.11" -> "py311"
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(CLUSTER.rglob("*.yaml")) + sorted(CLUSTER.rglob("*.yml"))
+
+
+def _docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _k8s_docs(kind: str) -> list[dict]:
+    found = [d for p in sorted(K8S.glob("*.yaml")) for d in _docs(p) if isinstance(d, dict) and d.get("kind") == kind]
+    assert found, f"no {kind} in {K8S}"
+    return found
+
+
+def _strings(obj: Any) -> list[str]:
+    """Every string inside a parsed YAML document (embedded YAML strings included)."""
+    out: list[str] = []
+    if isinstance(obj, str):
+        out.append(obj)
+        if "\n" in obj:
+            try:
+                out += _strings(yaml.safe_load(obj))
+            except yaml.YAMLError:
+                pass
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _strings(k) + _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _strings(v)
+    return out
+
+
+def _cluster_spec_of(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+# ------------------------------------------------------------------ every file
+
+
+def test_expected_files_exist():
+    for rel in ["local/up.sh", "local/down.sh", "local/common.sh", "cloud/gpu-cluster.yaml",
+                "kubernetes/raycluster.yaml", "kubernetes/rayjob.yaml", "kubernetes/rayservice.yaml",
+                "runtime_env.yaml", "README.md"]:
+        assert (CLUSTER / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_yaml_parses(path: Path):
+    docs = _docs(path)
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize("script", sorted(CLUSTER.rglob("*.sh")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_scripts_are_valid_bash(script: Path):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_entry_scripts_are_executable():
+    for name in ["up.sh", "down.sh"]:
+        path = CLUSTER / "local" / name
+        assert path.stat().st_mode & 0o111, f"{path} is not executable"
+        assert path.read_text().startswith("#!/usr/bin/env bash")
+
+
+def test_down_never_runs_plain_ray_stop():
+    for name in ["up.sh", "down.sh", "common.sh"]:
+        code = [ln for ln in (CLUSTER / "local" / name).read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not any(re.search(r"\bray\"?\s+stop\b|RAY_BIN\"?\s+stop", ln) for ln in code), name
+
+
+# ------------------------------------------------------------------ pins
+
+
+def test_image_tags_match_the_ray_pin():
+    images = []
+    for path in _yaml_files():
+        for s in _strings(_docs(path)):
+            images += re.findall(r"rayproject/ray(?:-ml)?:[\w.\-]+", s)
+    assert images, "no rayproject images referenced"
+    for image in images:
+        tag = image.split(":", 1)[1]
+        assert tag.startswith(f"{RAY_VERSION}-{PY_TAG}"), f"{image}: expected {RAY_VERSION}-{PY_TAG}[-gpu]"
+        assert tag in {f"{RAY_VERSION}-{PY_TAG}", f"{RAY_VERSION}-{PY_TAG}-gpu"}, image
+
+
+def _pip_requirements() -> list[tuple[str, str]]:
+    """(file, requirement) for every requirement named in a `pip install` or a runtime_env `pip`."""
+    reqs: list[tuple[str, str]] = []
+    for path in _yaml_files() + sorted(CLUSTER.rglob("*.sh")) + [CLUSTER / "README.md"]:
+        text = path.read_text()
+        for cmd in re.findall(r"pip3? install[^\n`]*", text):
+            for tok in re.findall(r"[^\s\"'\\]+", cmd)[2:]:
+                if not tok.startswith("-") and "==" in tok:
+                    reqs.append((path.name, tok))
+        if path.suffix == ".yaml":
+            for doc in _docs(path):
+                for env in _runtime_envs(doc):
+                    pip = env.get("pip")
+                    if isinstance(pip, dict):
+                        pip = pip.get("packages")
+                    if isinstance(pip, list):
+                        reqs += [(path.name, r) for r in pip]
+    return reqs
+
+
+def _runtime_envs(doc: Any) -> list[dict]:
+    envs = []
+    if isinstance(doc, dict):
+        if "working_dir" in doc or "pip" in doc or "py_modules" in doc:
+            envs.append(doc)
+        for key, value in doc.items():
+            if key in {"runtimeEnvYAML", "serveConfigV2"} and isinstance(value, str):
+                envs += _runtime_envs(yaml.safe_load(value))
+            else:
+                envs += _runtime_envs(value)
+    elif isinstance(doc, list):
+        for v in doc:
+            envs += _runtime_envs(v)
+    return envs
+
+
+def test_every_pip_pin_agrees_with_pyproject():
+    reqs = _pip_requirements()
+    assert reqs, "no pip requirements found in cluster/"
+    for where, req in reqs:
+        req = req.strip()
+        if req.startswith("polyclip @ "):  # the project itself, from its own pyproject
+            assert req.split(" @ ", 1)[1].startswith("https://"), (where, req)
+            continue
+        m = PIN_RE.match(req)
+        assert m, f"{where}: {req!r} is not an exact pin"
+        name, version = _norm(m.group(1)), m.group(3)
+        assert name in PINS, f"{where}: {name} is not a dependency in pyproject.toml"
+        assert version == PINS[name], f"{where}: {name}=={version} but pyproject pins {PINS[name]}"
+
+
+# ------------------------------------------------------------------ cluster launcher
+
+
+def test_launcher_config_has_required_fields():
+    cfg = _docs(LAUNCHER)[0]
+    for key in ["cluster_name", "provider", "available_node_types", "head_node_type",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"]:
+        assert cfg.get(key), key
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    head = types[cfg["head_node_type"]]
+    assert head.get("resources", {}).get("GPU", 0) == 0, "the head is a CPU node"
+    gpu_types = {n: t for n, t in types.items() if t.get("resources", {}).get("GPU", 0) >= 1}
+    assert gpu_types, "no GPU worker type"
+    for name, t in gpu_types.items():
+        assert t["min_workers"] == 0 and t["max_workers"] >= 1, name
+    assert any("--head" in c and "--dashboard-port" in c for c in cfg["head_start_ray_commands"])
+    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+               if "ray start" in c)
+    setup = "\n".join(cfg["setup_commands"])
+    assert "requirements.lock" in setup and "-e ~/polyclip" in setup
+    assert cfg["file_mounts"].get("~/polyclip") == "."
+    for d in [".venv", "data", "runs"]:
+        assert d in cfg["rsync_exclude"], d
+
+
+def test_launcher_config_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(_docs(LAUNCHER)[0]))
+
+
+# ------------------------------------------------------------------ KubeRay
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
+def test_kuberay_resources(kind: str):
+    for doc in _k8s_docs(kind):
+        assert doc["apiVersion"] == "ray.io/v1"
+        assert doc["metadata"]["name"]
+        spec = _cluster_spec_of(doc)
+        assert spec["rayVersion"] == RAY_VERSION
+        assert spec.get("authOptions", {}).get("mode") == "token", "token authentication must be on"
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert head["image"] == f"rayproject/ray:{RAY_VERSION}-{PY_TAG}"
+        groups = spec["workerGroupSpecs"]
+        assert groups
+        gpu_groups = [g for g in groups
+                      if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+        assert gpu_groups, "no GPU worker group"
+        for g in gpu_groups:
+            c = g["template"]["spec"]["containers"][0]
+            assert c["image"] == f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-gpu"
+            assert g["minReplicas"] <= g["maxReplicas"]
+
+
+def test_rayjob_runs_jobs_train_on_an_existing_config():
+    for doc in _k8s_docs("RayJob"):
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[:3] == ["python", "-m", "jobs.train"], argv
+        config = argv[argv.index("--config") + 1]
+        assert (ROOT / config).is_file(), f"RayJob config {config} does not exist"
+        env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        assert env["working_dir"]
+
+
+def test_rayservice_serves_the_app():
+    for doc in _k8s_docs("RayService"):
+        serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        apps = serve["applications"]
+        assert any(a["import_path"] == "serve.app:build_app" and "artifact" in a.get("args", {}) for a in apps)
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(serve)
+
+
+# ------------------------------------------------------------------ runtime_env
+
+
+@pytest.mark.parametrize("path", [CLUSTER / "runtime_env.yaml", K8S / "runtime_env.yaml"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_runtime_env_excludes_data_venv_and_outputs(path: Path):
+    env = _docs(path)[0]
+    assert env["working_dir"] == "."
+    excludes = {e.rstrip("/") for e in env["excludes"]}
+    for required in [".venv", "data", "runs", ".cache", ".git", ".ray-local", "**/__pycache__", "*.npy"]:
+        assert required in excludes, f"{path.name} does not exclude {required}"
+
+
+def test_runtime_env_is_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    env = _docs(CLUSTER / "runtime_env.yaml")[0]
+    RuntimeEnv(**env)
+    json.dumps(env)
+
+
+def test_runtime_env_upload_is_small():
+    """What `--runtime-env cluster/runtime_env.yaml` would upload from this checkout stays small."""
+    from ray._private.runtime_env.packaging import _get_excludes, _dir_travel
+
+    env = _docs(CLUSTER / "runtime_env.yaml")[0]
+    files: list[Path] = []
+    _dir_travel(ROOT, [_get_excludes(ROOT, env["excludes"])], lambda p: files.append(p) if p.is_file() else None,
+                include_gitignore=True)
+    rel = {str(p.relative_to(ROOT)) for p in files}
+    assert any(r.startswith("jobs/") for r in rel) and any(r.startswith("library/polyclip/") for r in rel)
+    assert not any(r.startswith((".venv/", "data/", "runs/", ".git/")) for r in rel)
+    assert sum(p.stat().st_size for p in files) < 50 * 1024 * 1024
