@@ -42,6 +42,13 @@ def test_every_fashion_mnist_class_resolves(glove):
     np.testing.assert_allclose(vectors[0], glove["t-shirt"])
 
 
+def test_fashion_mnist_similarities_make_sense(glove):
+    sim = label_similarity_matrix(label_vectors(FASHION_MNIST, glove))
+    coat, pullover, sandal, sneaker, bag = 4, 2, 5, 7, 8
+    assert sim[coat, pullover] > sim[coat, sandal]
+    assert sim[sneaker, sandal] > sim[sneaker, bag]
+
+
 def test_multi_word_label_is_mean_and_head_word_keeps_last(glove):
     v = label_vectors(["fire ant", "brain coral"], glove)
     np.testing.assert_allclose(v[0], (glove["fire"] + glove["ant"]) / 2, rtol=1e-6)

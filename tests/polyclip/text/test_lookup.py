@@ -49,3 +49,18 @@ def test_open_vocabulary_lookup(glove):
 def test_lookup_validates_shapes():
     with pytest.raises(ValueError, match="one vector per name"):
         CosineLookup(["a", "b"], np.zeros((3, 4)))
+
+
+def test_open_vocabulary_hit_at_k_on_noisy_word_vectors(glove):
+    from polyclip.metrics.ranking import hit_at_k
+
+    vocab = CosineLookup.from_vocabulary(glove, n=50_000)
+    words = ["tiger", "shark", "truck", "apple", "guitar", "river"]
+    g = torch.Generator().manual_seed(0)
+    clean = torch.tensor(np.stack([glove[w] for w in words]))
+    noisy = clean + 0.6 * clean.norm(dim=1, keepdim=True) / 50**0.5 * torch.randn(clean.shape, generator=g)
+    _, ranked = vocab.topk(noisy, k=10)
+    hits = hit_at_k(ranked, [vocab.index_of(w) for w in words])
+    assert hits["hit@1"] <= hits["hit@3"] <= hits["hit@5"] <= hits["hit@10"]
+    assert hits["hit@10"] >= 0.5
+    assert hit_at_k(vocab.topk(clean, k=1)[1], [vocab.index_of(w) for w in words], ks=(1,))["hit@1"] == 1.0
