@@ -3,6 +3,7 @@ with the pins in pyproject.toml; the shell scripts are valid bash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -65,10 +66,8 @@ def _strings(obj: Any) -> list[str]:
     if isinstance(obj, str):
         out.append(obj)
         if "\n" in obj:
-            try:
+            with contextlib.suppress(yaml.YAMLError):
                 out += _strings(yaml.safe_load(obj))
-            except yaml.YAMLError:
-                pass
     elif isinstance(obj, dict):
         for k, v in obj.items():
             out += _strings(k) + _strings(v)
@@ -233,7 +232,8 @@ def test_kuberay_resources(kind: str):
         groups = spec["workerGroupSpecs"]
         assert groups
         gpu_groups = [g for g in groups
-                      if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+                      if int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                             .get("nvidia.com/gpu", 0)) >= 1]
         assert gpu_groups, "no GPU worker group"
         for g in gpu_groups:
             c = g["template"]["spec"]["containers"][0]
@@ -284,7 +284,7 @@ def test_runtime_env_is_accepted_by_ray():
 
 def test_runtime_env_upload_is_small():
     """What `--runtime-env cluster/runtime_env.yaml` would upload from this checkout stays small."""
-    from ray._private.runtime_env.packaging import _get_excludes, _dir_travel
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     env = _docs(CLUSTER / "runtime_env.yaml")[0]
     files: list[Path] = []
