@@ -61,7 +61,10 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], None
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return atomic_write_with(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -89,7 +92,7 @@ def atomic_save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
 
     return atomic_write_with(path, write)
 

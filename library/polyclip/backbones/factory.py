@@ -124,9 +124,10 @@ def _efficientnet_lite(spec: str, arg: str, image_size: int | None) -> Backbone:
             raise BackboneError(f"{spec!r}: shape mismatch {src_key} {tuple(value.shape)} vs {key} {tuple(ref.shape)}")
         mapped[key] = value
     model.load_state_dict(mapped, strict=True)
-    model.reset_classifier(0)
+    model.reset_classifier(0)  # type: ignore[operator]
     size = image_size or _LITE_NATIVE_SIZE[variant]
-    return Backbone(spec, model, model.num_features, Preprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    num_features = int(model.num_features)  # type: ignore[arg-type]
+    return Backbone(spec, model, num_features, Preprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
 
 def _timm_backbone(spec: str, model: nn.Module, image_size: int | None) -> Backbone:
@@ -183,7 +184,7 @@ def _read_state_dict(spec: str, path: str) -> dict[str, torch.Tensor]:
         raise BackboneError(f"{spec!r}: cannot read weights file {file}: {exc}") from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+            state = state[key]  # type: ignore[assignment]
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -47,8 +47,8 @@ class Split:
     def from_dict(cls, data: dict[str, object]) -> Split:
         arrays = {k: np.asarray(data[k], dtype=np.int64) for k in ("labeled", "unlabeled", "val", "test")}
         return cls(
-            seed=int(data["seed"]),  # type: ignore[arg-type]
-            labels_per_class=int(data["labels_per_class"]),  # type: ignore[arg-type]
+            seed=int(data["seed"]),  # type: ignore[call-overload]
+            labels_per_class=int(data["labels_per_class"]),  # type: ignore[call-overload]
             test_from=str(data["test_from"]),
             **arrays,
         )

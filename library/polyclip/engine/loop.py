@@ -15,7 +15,8 @@ from polyclip.progress import Progress
 
 
 def _unwrap(task: nn.Module) -> nn.Module:
-    return task.module if hasattr(task, "module") else task
+    inner = getattr(task, "module", task)
+    return inner if isinstance(inner, nn.Module) else task
 
 
 def train_one_epoch(

@@ -96,7 +96,7 @@ def encode_images(
     backbone = backbone.eval().to(device)
     out = np.empty((len(images), backbone.num_features), dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # writable copy
         out[start : start + len(batch)] = backbone.encode(batch).float().cpu().numpy()
         if progress is not None:
             progress.update(len(batch))
