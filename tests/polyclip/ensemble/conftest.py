@@ -55,3 +55,14 @@ def make_domain_features(*, labels_per_class: int, n_test: int = 900, num_classe
 def domain_features():
     """The :func:`make_domain_features` factory."""
     return make_domain_features
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are tiny: on a shared 2-core machine, extra intra-op threads only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
