@@ -1,14 +1,20 @@
-"""The ensemble on real EfficientNet-Lite features of real Fashion-MNIST images."""
+"""The ensemble on real EfficientNet-Lite features of real Fashion-MNIST images.
+
+Marked slow: the parts timed separately on a quieter machine add up to about 10 s
+(timm import and weight loading dominate), but the whole test took 40-55 s while the
+shared 2-core machine ran at load 25-45.
+"""
 
 import time
 
-import numpy as np
+import pytest
 from polyclip.backbones import create_backbone
 from polyclip.data.splits import make_split
 from polyclip.ensemble import BackboneInfo, fit_ensemble, single_key
 from polyclip.features.cache import encode_images
 
 
+@pytest.mark.slow
 def test_fashion_mnist_lite0_lite1_ensemble_is_well_above_chance(fashion_mnist):
     started = time.perf_counter()
     split = make_split(fashion_mnist.train.labels, fashion_mnist.class_names, labels_per_class=4, seed=0,
@@ -33,4 +39,3 @@ def test_fashion_mnist_lite0_lite1_ensemble_is_well_above_chance(fashion_mnist):
     assert acc["oracle"] >= max(acc[single_key(s)] for s in train)
     assert ensemble.backbones[1].image_size == 64 and ensemble.backbone_specs[0] == "efficientnet_lite:0"
     print(f"real-feature ensemble test took {elapsed:.1f}s: {({k: round(v, 3) for k, v in acc.items()})}")
-    assert np.isfinite(elapsed)
