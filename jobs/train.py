@@ -33,6 +33,7 @@ from jobs.config import ConfigError, JobConfig, load_config
 from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.runtime import init_ray, setup_logging
+from jobs.semantics import label_similarity_for, semantic_metrics
 
 logger = logging.getLogger("polyclip")
 
@@ -119,6 +120,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                 dataset.num_classes, len(split.labeled), len(split.unlabeled), len(split.val), len(split.test))
     stats: dict[str, Any] = {}
     payload = prepare_payload(cfg, dataset, split, stats)
+    # Before training, so a label without a word vector fails now rather than after the run.
+    similarity = None if cfg.word_vectors is None else label_similarity_for(cfg, dataset.class_names, payload)
     t_prepared = time.perf_counter()
     trainer = build_trainer(cfg, ray.put(payload))
     result = trainer.fit()
@@ -133,6 +136,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "seconds": {"prepare": round(t_prepared - t0, 2), "train": round(time.perf_counter() - t_prepared, 2)},
         "ray_storage": str(result.path),
     }
+    if similarity is not None:
+        extra["semantic"] = semantic_metrics(arrays["test_logits"], arrays["test_labels"], similarity,
+                                             source=cfg.word_vectors.source)  # type: ignore[union-attr]
     metrics = write_run_report(
         run_dir, name=cfg.name, class_names=dataset.class_names, test_logits=arrays["test_logits"],
         test_labels=arrays["test_labels"], train_labels=payload["train"]["y"], history=final["history"],
