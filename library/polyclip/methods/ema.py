@@ -1,0 +1,63 @@
+"""An exponential moving average (EMA) of a model's weights, for evaluation.
+
+FixMatch (Sohn et al., 2020) evaluates an EMA of the trained weights (decay 0.999):
+``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModelEma(nn.Module):
+    """A frozen copy of ``model`` that tracks its weights by an exponential moving average.
+
+    Floating-point parameters and buffers (e.g. BatchNorm running statistics) follow
+    ``ema <- decay * ema + (1 - decay) * current``; integer buffers (``num_batches_tracked``)
+    are copied. The copy's parameters do not require gradients, so optimisers and DDP skip
+    them, and it is a registered sub-module, so it lives in the owner's ``state_dict`` and
+    is checkpointed and resumed with it.
+
+    Args:
+        model: The model to track (copied once here).
+        decay: EMA decay in [0, 1); FixMatch uses 0.999.
+
+    Example:
+        >>> net = nn.Linear(4, 2)
+        >>> ema = ModelEma(net, decay=0.9)
+        >>> ema.update(net)
+        >>> ema.module(torch.zeros(1, 4)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> ModelEma:
+        # The average is always evaluated in eval mode (running BatchNorm statistics).
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s current weights (same architecture as the copy)."""
+        current = dict(model.state_dict())
+        for name, value in self.module.state_dict().items():
+            source = current[name].detach()
+            if value.dtype.is_floating_point:
+                value.mul_(self.decay).add_(source.to(value.dtype), alpha=1.0 - self.decay)
+            else:
+                value.copy_(source)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.module(*args)  # type: ignore[no-any-return]
