@@ -11,6 +11,7 @@ RECIPES: dict[str, Recipe] = {
     "simclr": __import__("jobs.recipes.simclr", fromlist=["RECIPE"]).RECIPE,
     "devise": __import__("jobs.recipes.devise", fromlist=["RECIPE"]).RECIPE,
     "clip_zeroshot": __import__("jobs.recipes.clip_zeroshot", fromlist=["RECIPE"]).RECIPE,
+    "moe": __import__("jobs.recipes.moe", fromlist=["RECIPE"]).RECIPE,
 }
 
 __all__ = ["RECIPES", "MethodParams", "PrepareContext", "Recipe"]
