@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from polyclip.io import atomic_write_json, atomic_write_text
-from polyclip.reports.tables import markdown_table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.runtime import init_ray, setup_logging
+from polyclip.io import atomic_write_json, atomic_write_text
+from polyclip.reports.tables import markdown_table
 
 logger = logging.getLogger("polyclip")
 

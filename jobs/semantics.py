@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from polyclip.metrics.semantic import semantic_similarity_report
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from polyclip.backbones import create_backbone
-from polyclip.methods.distill import DistillTask
 from pydantic import Field
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from polyclip.backbones import create_backbone
+from polyclip.methods.distill import DistillTask
 
 
 class DistillParams(MethodParams):

@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
 from polyclip.augment.perturbation import perturbation_pipeline
 from polyclip.backbones import create_backbone
 from polyclip.losses.ces import CESLoss
 from polyclip.methods.supervised import SupervisedTask
-from pydantic import BaseModel, ConfigDict, Field
-
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
 
 
 class PerturbationParams(BaseModel):
@@ -54,7 +54,7 @@ class FinetuneParams(MethodParams):
     ces_w_sim: float = Field(0.2, ge=0, description="CES weight of the similarity term (paper: 0.2)")
     ces_mode: Literal["soft", "hard"] = "soft"
     augment: Literal["none", "perturbation"] = "none"
-    perturbation: PerturbationParams = Field(default_factory=PerturbationParams)
+    perturbation: PerturbationParams = Field(default_factory=lambda: PerturbationParams.model_validate({}))
 
 
 def check_job(cfg: Any, params: FinetuneParams) -> None:

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from polyclip.losses.ces import CESLoss
-from polyclip.text import MissingLabelVectorsError
 
 from jobs import train
 from jobs.config import parse_config
 from jobs.language_comparison import load_comparison, table_row, write_table
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.recipes import finetune as finetune_recipe
+from polyclip.losses.ces import CESLoss
+from polyclip.text import MissingLabelVectorsError
 
 ROOT = Path(__file__).resolve().parents[2]
 LANGUAGE = ROOT / "jobs" / "configs" / "language"

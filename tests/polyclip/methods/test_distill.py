@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from polyclip.backbones import create_backbone, save_backbone
 from polyclip.methods.distill import DistillTask
 
