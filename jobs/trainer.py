@@ -16,19 +16,21 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from jobs.config import JobConfig, parse_config
+from jobs.recipes import RECIPES
 from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch, zip_streams
 from polyclip.engine.loop import cross_entropy_np
 from polyclip.io import atomic_save_npz, atomic_write_json, atomic_write_with
 from polyclip.progress import Progress
-
-from jobs.config import JobConfig, parse_config
-from jobs.recipes import RECIPES
 
 logger = logging.getLogger("polyclip")
 
 STATE_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npz"
 HISTORY_FILE = "history.json"
+#: Epochs the run resumed from after a restart (a worker died, or the job was run again), in order.
+RESUMES_FILE = "resumes.json"
 
 
 def _resolve_payload(ref: Any) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
                if cfg.train.scheduler == "plateau" else None)
 
-    start_epoch, history = 0, []
+    start_epoch, history, resumes = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -86,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if plateau is not None and state.get("plateau"):
             plateau.load_state_dict(state["plateau"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        resumes = [*state.get("resumes", []), start_epoch]
         logger.info("rank %d resumed from checkpoint at epoch %d", rank, start_epoch)
 
     val, test = payload["val"], payload["test"]
@@ -94,6 +97,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loader.set_epoch(epoch * 10_000)
         progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs} (rank {rank})", steps, unit="step",
                             interval=15.0) if rank == 0 else None
+        if rank == 0 and epoch == start_epoch:  # submit_latency measures up to this line
+            logger.info("rank 0 starts training at epoch %d/%d (unix time %.3f)", epoch + 1, cfg.train.epochs,
+                        time.time())
         tic = time.perf_counter()
         logs = train_one_epoch(task, zip_streams(loaders, steps), optimizer, device=device, scheduler=scheduler,
                                grad_clip=cfg.train.grad_clip, progress=progress)
@@ -120,9 +126,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = {"task": inner.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler else None,
                          "plateau": plateau.state_dict() if plateau else None,
-                         "epoch": epoch + 1, "history": history}
+                         "epoch": epoch + 1, "history": history, "resumes": resumes}
                 atomic_write_with(Path(tmp) / STATE_FILE, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
                 atomic_write_json(Path(tmp) / HISTORY_FILE, history)
+                atomic_write_json(Path(tmp) / RESUMES_FILE, resumes)
                 if last:
                     _write_final(inner, Path(tmp), val, test, payload, device, cfg)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -191,7 +198,9 @@ def read_final_checkpoint(checkpoint: Any, run_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"the final checkpoint {target} has no {PREDICTIONS_FILE}: training did not finish")
     with np.load(target / PREDICTIONS_FILE) as data:
         arrays = {k: data[k] for k in data.files}
-    return {"arrays": arrays, "history": json.loads((target / HISTORY_FILE).read_text()), "dir": target}
+    resumes = json.loads((target / RESUMES_FILE).read_text()) if (target / RESUMES_FILE).exists() else []
+    return {"arrays": arrays, "history": json.loads((target / HISTORY_FILE).read_text()), "resumes": resumes,
+            "dir": target}
 
 
 def clear_ray_storage(cfg: JobConfig) -> None:
