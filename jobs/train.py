@@ -136,6 +136,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "seconds": {"prepare": round(t_prepared - t0, 2), "train": round(time.perf_counter() - t_prepared, 2)},
         "ray_storage": str(result.path),
     }
+    recipe = RECIPES[cfg.method.name]
+    if recipe.report is not None:  # method-specific entries (e.g. the zero-shot protocol numbers)
+        extra.update(recipe.report(cfg, cfg.method, payload, arrays))
     if similarity is not None:
         extra["semantic"] = semantic_metrics(arrays["test_logits"], arrays["test_labels"], similarity,
                                              source=cfg.word_vectors.source)  # type: ignore[union-attr]

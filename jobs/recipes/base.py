@@ -78,12 +78,16 @@ class Recipe:
         build_task: Worker side: ``(cfg, params, payload) -> task module``.
         streams: ``params -> {prefix: (payload key, batch-size multiplier)}``; the
             default trains on ``"train"`` alone.
+        report: Optional, driver side after training: ``(cfg, params, payload, arrays)
+            -> dict`` merged into ``metrics.json``; ``arrays`` holds the final
+            ``test_logits``, ``test_labels``, ``val_logits``, ``val_labels``.
     """
 
     params: type[MethodParams]
     prepare: Callable[[PrepareContext, Any], dict[str, Any]]
     build_task: Callable[[Any, Any, dict[str, Any]], nn.Module]
     streams: Callable[[Any], dict[str, tuple[str, int]]] = lambda params: {"": ("train", 1)}
+    report: Callable[[Any, Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
 
 def split_arrays(ctx: PrepareContext, x_of: Callable[[str], np.ndarray],

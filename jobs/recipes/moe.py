@@ -1,0 +1,150 @@
+"""``method.name: moe``: a mixture of experts over superclasses, on cached features.
+
+A gate picks the superclass, one expert per superclass picks the class within it
+(:class:`polyclip.methods.moe.MixtureOfExpertsTask`). The superclasses are
+
+* given in the config, as lists of class names covering every class once, or
+* derived in ``prepare`` (``auto_superclasses``) with ``k`` groups:
+  ``vectors`` clusters the labels' word vectors (``word_vectors`` section), and
+  ``confusion`` first fits a flat linear probe on the labeled features and clusters
+  its confusion matrix on the validation images (classes it mixes up share a group).
+
+``report`` adds ``metrics["moe"]``: the superclasses, how they were made, the
+superclass-level test accuracy and the most-confused class pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from sklearn.metrics import confusion_matrix
+
+from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.methods.moe import (
+    MixtureOfExpertsTask,
+    most_confused_pairs,
+    superclasses_from_confusion,
+    superclasses_from_vectors,
+)
+from polyclip.methods.probe import ProbeTask
+
+
+class MoEParams(MethodParams):
+    name: Literal["moe"] = "moe"
+    superclasses: list[list[str]] = Field(default_factory=list, description="class-name groups covering every class")
+    auto_superclasses: Literal["vectors", "confusion"] | None = None
+    k: int = Field(3, ge=1, description="number of superclasses to derive")
+    hidden: int = Field(0, ge=0)
+    depth: int = Field(1, ge=1)
+    expert_weight: float = Field(1.0, gt=0)
+    l2_normalize: bool = True
+    probe_epochs: int = Field(200, gt=0, description="full-batch steps of the flat probe (confusion only)")
+    probe_lr: float = Field(0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MoEParams:
+        if bool(self.superclasses) == (self.auto_superclasses is not None):
+            raise ValueError("give exactly one of superclasses (lists of class names) or auto_superclasses "
+                             "(vectors | confusion)")
+        return self
+
+
+def assignment_from_names(groups: list[list[str]], class_names: list[str]) -> list[int]:
+    """Superclass index of every class from name groups.
+
+    Raises:
+        ValueError: Unknown names, a class in two groups, or a class in none.
+    """
+    unknown = sorted({n for g in groups for n in g} - set(class_names))
+    if unknown:
+        raise ValueError(f"superclasses name unknown classes {unknown}; valid: {class_names}")
+    flat = [n for g in groups for n in g]
+    twice = sorted({n for n in flat if flat.count(n) > 1})
+    missing = [n for n in class_names if n not in flat]
+    if twice or missing or any(not g for g in groups):
+        raise ValueError(f"superclasses must put every class in exactly one non-empty group; "
+                         f"in several: {twice}, in none: {missing}")
+    where = {n: i for i, g in enumerate(groups) for n in g}
+    return [where[n] for n in class_names]
+
+
+def fit_flat_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, lr: float,
+                   seed: int) -> ProbeTask:
+    """A linear probe trained full batch by the generic loop (the 'first model' of the confusion route)."""
+    torch.manual_seed(seed)
+    task = ProbeTask(x.shape[1], num_classes)
+    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
+    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    return task.eval()
+
+
+def derive_superclasses(params: MoEParams, class_names: list[str], payload: dict[str, Any], cfg: Any
+                        ) -> tuple[list[int], dict[str, Any]]:
+    """``(assignment, details)`` for the configured source of superclasses."""
+    num = len(class_names)
+    if params.superclasses:
+        return assignment_from_names(params.superclasses, class_names), {"source": "config"}
+    if params.auto_superclasses == "vectors":
+        from polyclip.text import label_vectors, load_word_vectors
+
+        wv = cfg.word_vectors
+        source, head_word, overrides = (wv.source, wv.head_word, dict(wv.overrides)) if wv else ("glove-6b-50d",
+                                                                                                False, {})
+        vectors = label_vectors(class_names, load_word_vectors(source), head_word=head_word, overrides=overrides)
+        return superclasses_from_vectors(vectors, params.k, seed=cfg.seed), {"source": f"vectors:{source}"}
+    val = payload["val"]
+    if len(val["y"]) == 0:
+        raise ValueError("auto_superclasses=confusion clusters the flat probe's validation confusion matrix: "
+                         "set data.val_per_class > 0")
+    probe = fit_flat_probe(payload["train"]["x"], payload["train"]["y"], num, epochs=params.probe_epochs,
+                           lr=params.probe_lr, seed=cfg.seed)
+    with torch.no_grad():
+        pred = probe.predict(torch.from_numpy(np.asarray(val["x"], dtype=np.float32))).argmax(1).numpy()
+    cm = confusion_matrix(val["y"], pred, labels=np.arange(num))
+    return superclasses_from_confusion(cm, params.k, seed=cfg.seed), {
+        "source": "confusion", "flat_probe_val_top1": float((pred == val["y"]).mean()),
+        "flat_probe_val_confusion": cm.tolist()}
+
+
+def prepare(ctx: PrepareContext, params: MoEParams) -> dict[str, Any]:
+    names = list(ctx.dataset.class_names)
+    if params.auto_superclasses is not None and params.k > len(names):
+        raise ValueError(f"k={params.k} superclasses for {len(names)} classes")
+    spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
+    payload: dict[str, Any] = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
+    assignment, details = derive_superclasses(params, names, payload, ctx.cfg)
+    groups = [[names[c] for c in range(len(names)) if assignment[c] == s] for s in range(max(assignment) + 1)]
+    payload["info"] = {"num_features": int(payload["train"]["x"].shape[1]), "superclass_of_class": assignment,
+                       "superclasses": groups, **details}
+    return payload
+
+
+def build_task(cfg: Any, params: MoEParams, payload: dict[str, Any]) -> MixtureOfExpertsTask:
+    info = payload["info"]
+    return MixtureOfExpertsTask(info["num_features"], info["superclass_of_class"], len(payload["class_names"]),
+                                params.hidden, depth=params.depth, expert_weight=params.expert_weight,
+                                l2_normalize=params.l2_normalize)
+
+
+def report(cfg: Any, params: MoEParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``metrics["moe"]``: superclasses, their source, superclass accuracy, most-confused pairs."""
+    info, names = payload["info"], payload["class_names"]
+    logits, labels = arrays["test_logits"], arrays["test_labels"]
+    superclass = np.asarray(info["superclass_of_class"])
+    pred = logits.argmax(1)
+    cm = confusion_matrix(labels, pred, labels=np.arange(len(names)))
+    out = {k: v for k, v in info.items() if k not in ("num_features", "superclass_of_class")}
+    out["superclass_top1"] = float((superclass[pred] == superclass[labels]).mean())
+    out["most_confused_pairs"] = [{"true": a, "predicted": b, "count": n}
+                                  for a, b, n in most_confused_pairs(cm, names, n=10)]
+    return {"moe": out}
+
+
+RECIPE = Recipe(params=MoEParams, prepare=prepare, build_task=build_task, report=report)
