@@ -1,0 +1,93 @@
+"""Class-aware adaptive thresholds: the update rule by hand, and identical thresholds under DDP."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from polyclip.methods.class_aware_threshold import ClassAwareThreshold
+
+
+def hand_update(tau, p, prior, counts, alpha, eps):
+    total = max(sum(counts), 1)
+    new_p = [alpha * pc + (1 - alpha) * n / total for pc, n in zip(p, counts)]
+    new_tau = [t + eps * ((pc > r) - (pc < r)) for t, pc, r in zip(tau, new_p, prior)]
+    return new_tau, new_p
+
+
+def test_update_matches_hand_computation_with_a_prior():
+    prior = [0.5, 0.3, 0.2]
+    th = ClassAwareThreshold(3, init=0.9, alpha=0.8, eps=0.01, prior=prior)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    mask = torch.tensor([True, False, True, True, True, True, False])  # accepted: 0 x1, 1 x1, 2 x3
+    tau, p = [0.9] * 3, list(prior)
+    for _ in range(3):
+        th.update(labels, mask)
+        tau, p = hand_update(tau, p, prior, [1, 1, 3], 0.8, 0.01)
+        assert torch.allclose(th.p, torch.tensor(p), atol=1e-6)
+        assert torch.allclose(th.tau, torch.tensor(tau), atol=1e-6)
+    # Class 2 is over-represented (share 0.6 > 0.2): stricter; classes 0 and 1 more lenient.
+    assert th.tau[2] > 0.9 > th.tau[0]
+
+
+def test_uniform_prior_and_nothing_accepted_lowers_every_threshold():
+    th = ClassAwareThreshold(4, init=0.95)  # paper defaults alpha 0.9, eps 0.001
+    assert torch.allclose(th.prior, torch.full((4,), 0.25))
+    th.update(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool))
+    assert torch.allclose(th.p, torch.full((4,), 0.9 * 0.25))
+    assert torch.allclose(th.tau, torch.full((4,), 0.949))
+
+
+def test_equal_share_keeps_the_threshold_and_clipping_holds():
+    th = ClassAwareThreshold(2, init=0.5, eps=0.3, tau_min=0.4, tau_max=0.6)
+    th.update(torch.tensor([0, 1]), torch.tensor([True, True]))
+    assert torch.allclose(th.tau, torch.tensor([0.5, 0.5]))
+    th.update(torch.tensor([0, 0]), torch.tensor([True, True]))
+    assert torch.allclose(th.tau, torch.tensor([0.6, 0.4]))
+
+
+def test_accept_uses_the_threshold_of_the_predicted_class():
+    th = ClassAwareThreshold(2, init=0.7)
+    th.tau.copy_(torch.tensor([0.9, 0.6]))
+    mask, labels = th.accept(torch.tensor([[0.8, 0.2], [0.35, 0.65], [0.95, 0.05]]))
+    assert mask.tolist() == [False, True, True] and labels.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"prior": [1.0, -1.0]}, "prior"), ({"prior": [1.0]}, "prior"),
+                                          ({"alpha": 1.0}, "alpha"), ({"init": 0.2, "tau_min": 0.5}, "init")])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassAwareThreshold(2, **kwargs)
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        th = ClassAwareThreshold(3, init=0.9, eps=0.01)
+        # Each rank sees different pseudo-labels; the update must use the global counts.
+        labels = torch.tensor([0, 0, 0, 1]) if rank == 0 else torch.tensor([2, 2, 1, 1])
+        for _ in range(5):
+            th.update(labels, torch.ones(4, dtype=torch.bool))
+        out[rank] = (th.tau.tolist(), th.p.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_gives_identical_thresholds_on_two_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    (tau0, p0), (tau1, p1) = out[0], out[1]
+    assert tau0 == tau1 and p0 == p1
+    # The global counts are [3, 3, 2] of 8, not either rank's own.
+    reference = ClassAwareThreshold(3, init=0.9, eps=0.01)
+    for _ in range(5):
+        reference.update(torch.tensor([0, 0, 0, 1, 2, 2, 1, 1]), torch.ones(8, dtype=torch.bool))
+    assert torch.allclose(torch.tensor(tau0), reference.tau) and torch.allclose(torch.tensor(p0), reference.p)
