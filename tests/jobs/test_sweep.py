@@ -1,0 +1,137 @@
+"""Sweep configs: every shipped preset validates; bad spaces fail before Ray, naming the key; one e2e sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jobs import sweep as sweep_job
+from jobs.config import load_config, parse_config
+from jobs.sweep_config import SweepConfigError, load_sweep
+from jobs.sweep_report import TrialRecord, best_record, pareto_mask
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "jobs" / "configs" / "sweeps").glob("*.yaml"))
+SMOKE = str(ROOT / "jobs" / "configs" / "smoke_probe.yaml")
+
+
+def _write(tmp_path: Path, **fields) -> Path:
+    data = {"name": "s", "base": SMOKE, "space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1}},
+            "metric": "val_acc", "mode": "max", "num_samples": 2, "output_dir": str(tmp_path / "out")}
+    data.update(fields)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_presets_exist_in_pairs():
+    names = {p.stem for p in PRESETS}
+    assert names, "no sweep presets shipped"
+    for name in names:
+        stem = name.rsplit("_", 1)[0]
+        assert {f"{stem}_small", f"{stem}_full"} <= names, name
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path):
+    sweep, base = load_sweep(path)
+    assert sweep.name and sweep.space
+    cfg = parse_config(base)
+    assert cfg.method.name
+    for point in sweep.points_to_evaluate:
+        assert set(point) <= set(sweep.space)
+
+
+def test_valid_sweep_loads_with_overrides(tmp_path):
+    sweep, base = load_sweep(_write(tmp_path, overrides=["train.epochs=2"], resources={"num_workers": 1}),
+                             ["num_samples=5"])
+    assert sweep.num_samples == 5 and base["train"]["epochs"] == 2 and base["scaling"]["num_workers"] == 1
+    assert sweep.objectives == [("val_acc", "max")]
+
+
+@pytest.mark.parametrize(("space", "match"), [
+    ({"train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}, r"space key 'train.lrr'.*unknown key 'train.lrr'"),
+    ({"method.hiden": {"type": "int", "low": 1, "high": 4}}, r"space key 'method.hiden'.*hidden"),
+    ({"train.lr": {"type": "uniform", "low": 0.2, "high": 0.2}}, r"space key 'train.lr'.*empty range"),
+    ({"train.lr": {"type": "uniform", "low": 0.3, "high": 0.1}}, r"space key 'train.lr'.*empty range"),
+    ({"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}, r"space key 'train.lr'.*low > 0"),
+    ({"train.optimizer": {"type": "choice", "values": ["adam", "rmsprop"]}},
+     r"space key 'train.optimizer'.*rejects 'rmsprop'"),
+    ({"train.epochs": {"type": "int", "low": 0, "high": 3}}, r"space key 'train.epochs'.*rejects 0"),
+    ({"train.lr": {"type": "choice", "values": []}}, r"space key 'train.lr'.*non-empty"),
+    ({"method.dropout": {"type": "uniform", "low": 0.5, "high": 1.5}}, r"space key 'method.dropout'.*rejects 1.5"),
+    ({"run.output_dir": {"type": "choice", "values": ["a", "b"]}}, r"space key 'run.output_dir' cannot"),
+    ({"seed.x": {"type": "int", "low": 1, "high": 3}}, r"space key 'seed.x'.*'seed' is a value"),
+])
+def test_bad_space_fails_naming_the_key_before_ray(tmp_path, monkeypatch, space, match):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid sweep")
+
+    monkeypatch.setattr(sweep_job, "init_ray", no_ray)
+    with pytest.raises(SystemExit, match="(?s)" + match):
+        sweep_job.main(["--config", str(_write(tmp_path, space=space))])
+
+
+def test_objectives_and_points_are_checked(tmp_path):
+    with pytest.raises(SweepConfigError, match="metric 'val_acc' needs a mode"):
+        load_sweep(_write(tmp_path, mode=None))
+    with pytest.raises(SweepConfigError, match="need one mode each"):
+        load_sweep(_write(tmp_path, metric=None, mode=None, metrics=["val_acc", "val_loss"], modes=["max"]))
+    with pytest.raises(SweepConfigError, match=r"points_to_evaluate\[0\].*train.wd"):
+        load_sweep(_write(tmp_path, points_to_evaluate=[{"train.wd": 0.1}]))
+    with pytest.raises(SweepConfigError, match="scheduler"):
+        load_sweep(_write(tmp_path, scheduler={"kind": "hyperband"}))
+    with pytest.raises(SweepConfigError, match=r"base config 'nope\.yaml' not found"):
+        load_sweep(_write(tmp_path, base="nope.yaml"))
+
+
+def test_pareto_front_and_best_record():
+    values = np.array([[0.9, 3.0], [0.8, 1.0], [0.7, 2.0], [np.nan, 0.5]])
+    assert pareto_mask(values, ["max", "min"]).tolist() == [True, True, False, False]
+    records = [TrialRecord(str(i), {"k": i}, {"acc": v[0], "dist": v[1]}, 3, "TERMINATED")
+               for i, v in enumerate(values)]
+    assert best_record(records, [("acc", "max"), ("dist", "min")]).trial_id == "0"
+    assert best_record(records, [("dist", "min")]).trial_id == "3"
+
+
+def test_space_keys_read_by_data_preparation():
+    reads = {"data.dataset", "seed", "backbone.spec", "method.name"}
+    touched = sweep_job.keys_touching(["train.lr", "backbone.spec", "data.labels_per_class", "method.hidden"],
+                                      reads | {"data.labels_per_class"})
+    assert touched == ["backbone.spec", "data.labels_per_class"]
+    assert sweep_job.keys_touching(["method.hidden"], {"method"}) == ["method.hidden"]
+
+
+@pytest.mark.timeout(600)
+def test_sweep_asha_outputs_then_restore(ray_cluster, tmp_path):
+    path = _write(tmp_path, name="smoke-sweep", overrides=["train.epochs=3", "data.synthetic_size=300"],
+                  space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.3},
+                         "method.hidden": {"type": "choice", "values": [0, 16]}},
+                  num_samples=3, max_concurrent=2, resources={"num_workers": 1},
+                  scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+    out = sweep_job.main(["--config", str(path)])
+    sweep_dir = tmp_path / "out" / "smoke-sweep"
+    assert out["shared_payload"] and not out["restored"]
+    rows = out["trials"]
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
+    assert all(1 <= r["epochs"] <= 3 for r in rows) and max(r["epochs"] for r in rows) == 3
+    for name in ("trials.csv", "best_config.yaml", "metric_per_trial.png", "param_effects.png", "summary.md"):
+        assert (sweep_dir / name).stat().st_size > 0, name
+    import pandas as pd
+
+    csv = pd.read_csv(sweep_dir / "trials.csv")
+    assert len(csv) == 3 and {"param.train.lr", "param.method.hidden", "val_acc", "test_top1"} <= set(csv.columns)
+    best = load_config(sweep_dir / "best_config.yaml")
+    assert best.name == "smoke-sweep-best"
+    assert best.train.lr == pytest.approx(out["best"]["params"]["train.lr"])
+    assert out["best"]["metrics"]["val_acc"] == max(r["val_acc"] for r in rows if r["epochs"] == r["epochs"])
+    assert list(Path(out["storage"]).rglob("events.out.tfevents*")), "no TensorBoard logs"
+
+    # Same name again: Tuner.restore finds every trial finished and runs none of them again.
+    again = sweep_job.main(["--config", str(path)])
+    assert again["restored"]
+    assert [(r["trial_id"], r["epochs"], r["val_acc"]) for r in again["trials"]] == \
+        [(r["trial_id"], r["epochs"], r["val_acc"]) for r in rows]
