@@ -148,8 +148,8 @@ class SweepConfig(_Strict):
     modes: list[Literal["min", "max"]] | None = None
     num_samples: int = Field(8, gt=0)
     max_concurrent: int = Field(2, gt=0)
-    scheduler: SchedulerConfig = Field(default_factory=lambda: AshaScheduler())
-    resources: TrialResources = Field(default_factory=lambda: TrialResources())
+    scheduler: SchedulerConfig = Field(default_factory=lambda: AshaScheduler.model_validate({}))
+    resources: TrialResources = Field(default_factory=lambda: TrialResources.model_validate({}))
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list,
                                                      description="configs tried first, e.g. the defaults")
     output_dir: str = "runs/sweeps"
