@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bar_chart({"ASHA": median(asha_s), "to the end": median(full_s)}, folder / "wall_time.png",
               f"sweep wall time, {args.samples} trials x {args.epochs} epochs (median of {args.repeats})", "seconds")
     bar_chart({"default config": float(default_row.get("test_top1") or 0.0),
-               "best config": float(best["test_top1"] or 0.0)}, folder / "best_vs_default.png", "test accuracy (run to the end)", "top-1")
+               "best config": float(best["test_top1"] or 0.0)},
+              folder / "best_vs_default.png", "test accuracy (run to the end)", "top-1")
     rows = [{"scheduler": "ASHA", "median wall s": median(asha_s), "epochs trained": median(asha_epochs)},
             {"scheduler": "none (to the end)", "median wall s": median(full_s), "epochs trained": median(full_epochs)}]
     md = [f"# {NAME}", "", f"`{command_line()}`", "",
