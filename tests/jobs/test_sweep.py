@@ -105,7 +105,10 @@ def test_space_keys_read_by_data_preparation():
     assert sweep_job.keys_touching(["method.hidden"], {"method"}) == ["method.hidden"]
 
 
-@pytest.mark.timeout(600)
+# Slow for now: on this shared machine one 3-trial sweep took ~11 min (load average ~50), far
+# over the 90 s budget of the default suite; the unit tests above run in the default suite.
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_asha_outputs_then_restore(ray_cluster, tmp_path):
     path = _write(tmp_path, name="smoke-sweep", overrides=["train.epochs=3", "data.synthetic_size=300"],
                   space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.3},
