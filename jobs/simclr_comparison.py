@@ -55,16 +55,23 @@ class BackboneEntry(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="dotted overrides for this backbone's jobs")
 
 
+class ComparisonRuns(BaseModel):
+    """The job configs the grid is made of."""
+
+    model_config = ConfigDict(extra="forbid")
+    pretrain: str = Field(description="the SimCLR pretraining job config")
+    probe: str = Field(description="the linear-probe job config (its backbone.spec is replaced)")
+    finetune: str = Field(description="the fine-tuning job config (its backbone.spec is replaced)")
+
+
 class ComparisonConfig(BaseModel):
     """The comparison grid (paths are relative to the comparison file)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = "simclr-comparison"
     output_dir: str = "runs"
-    pretrain: str
+    runs: ComparisonRuns
     encoder: str | None = Field(None, description="a finished SimCLR checkpoint dir: skip pretraining")
-    probe: str
-    finetune: str
     labels_per_class: list[int] = Field(default_factory=lambda: [10, -1], min_length=1)
     backbones: list[BackboneEntry] = Field(min_length=1)
     modes: list[Literal["finetune", "probe"]] = Field(default=["finetune", "probe"], min_length=1)
@@ -104,13 +111,11 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> tup
     except ValidationError as exc:
         raise ConfigError(f"{file}: invalid comparison config: {exc}") from None
     base = file.parent
-    comparison = comparison.model_copy(update={
-        "pretrain": str(_resolve(base, comparison.pretrain)), "probe": str(_resolve(base, comparison.probe)),
-        "finetune": str(_resolve(base, comparison.finetune)), "overrides": [*comparison.overrides, *(overrides or [])],
-    })
-    pretrain = load_config(comparison.pretrain, [*comparison.overrides, f"run.output_dir={comparison.folder}"])
+    runs = ComparisonRuns(**{k: str(_resolve(base, v)) for k, v in comparison.runs.model_dump().items()})
+    comparison = comparison.model_copy(update={"runs": runs, "overrides": [*comparison.overrides, *(overrides or [])]})
+    pretrain = load_config(runs.pretrain, [*comparison.overrides, f"run.output_dir={comparison.folder}"])
     if pretrain.method.name != "simclr":
-        raise ConfigError(f"{comparison.pretrain}: the pretraining job must have method.name simclr, "
+        raise ConfigError(f"{runs.pretrain}: the pretraining job must have method.name simclr, "
                           f"got {pretrain.method.name!r}")
     for mode in comparison.modes:  # fail now, not after an hour of pretraining
         for entry in comparison.backbones:
@@ -122,7 +127,7 @@ def job_overrides(comparison: ComparisonConfig, entry: BackboneEntry, mode: str,
     """The job config of one cell of the grid."""
     slug = "".join(c if c.isalnum() else "-" for c in entry.label.lower()).strip("-")
     labels = "all" if k < 0 else f"k{k}"
-    return load_config(getattr(comparison, mode), [
+    return load_config(getattr(comparison.runs, mode), [
         *comparison.overrides, f"name={slug}-{mode}-{labels}", f"run.output_dir={comparison.folder}",
         f"backbone.spec={spec}", f"data.labels_per_class={k}", *entry.overrides,
     ])
