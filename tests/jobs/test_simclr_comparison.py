@@ -42,7 +42,7 @@ def test_bad_comparison_keys_and_values_are_named(tmp_path):
         load_comparison(_write(tmp_path, labels_per_class=[10, 0]))
     with pytest.raises(ConfigError, match="backbone"):
         load_comparison(_write(tmp_path, backbonez=[]))
-    with pytest.raises(ConfigError, match="must have method.name simclr, got 'probe'"):
+    with pytest.raises(ConfigError, match=r"must have method\.name simclr, got 'probe'"):
         load_comparison(_write(tmp_path, runs={"pretrain": "probe_fmnist.yaml", "probe": "probe_fmnist.yaml",
                                                "finetune": "finetune_fmnist.yaml"}))
     with pytest.raises(ConfigError, match="does not exist"):
