@@ -97,7 +97,7 @@ def test_clip_method_refuses_training():
 
 # --- end to end through Ray ----------------------------------------------------------------------
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_devise_job_holds_out_unseen_classes(ray_cluster, tmp_path):
     from jobs import train
 
@@ -155,7 +155,7 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_clip_zeroshot_eval_job_end_to_end(ray_cluster, tmp_path, tiny_clip_checkpoint):
     from jobs import zeroshot_eval
     from polyclip.backbones import create_backbone

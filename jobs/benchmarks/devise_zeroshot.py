@@ -1,0 +1,235 @@
+"""DeViSE zero-shot on Fashion-MNIST: 7 seen classes train, 3 unseen are only tested.
+
+Frozen EfficientNet-Lite0 features (112 px, cached), GloVe 6B 50d label vectors. For
+each seed the 3 unseen classes are drawn with that seed (``jobs.zero_shot.choose_unseen``,
+as the ``devise`` recipe does), the labeled images of the 7 seen classes train the map,
+and the full 10k test set is scored over all 10 classes.
+
+Settings are chosen per seed **without looking at the unseen classes**: among that
+seed's 7 seen classes, folds of 2 *pseudo-unseen* classes are held out, a map is trained
+on the other 5, and each candidate setting is scored by its accuracy among the 2
+pseudo-unseen classes on held-out train-pool images of those classes. The best setting
+is then retrained on all 7 seen classes and evaluated once on the test set. The grid:
+loss (hinge rank with all negatives / ``1 - cos``), feature standardisation, labels per
+seen class, and label words (full label vs head word). A closed-form ridge map
+(features -> GloVe, the reference point of ASSETS.md) is measured on the same splits.
+
+Usage::
+
+    python -m jobs.benchmarks.devise_zeroshot [--seeds 0 1 2] [--image-size 112] [--epochs 200]
+
+CPU is shared with other jobs: the per-fit budget is a few hundred full-batch Adam
+steps on cached features; the first run encodes 16k images (the 10k test set and a
+6k train pool) once into ``.cache/features``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+
+from jobs.benchmarks.common import out_dir, pool_features, summary
+from jobs.runtime import init_ray, setup_logging
+from jobs.zero_shot import choose_unseen, zero_shot_report
+from polyclip.data.datasets import load_dataset
+from polyclip.data.splits import make_split
+from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.features.cache import FeatureCache
+from polyclip.methods.devise import DeViSETask
+from polyclip.reports.plots import bar_chart
+from polyclip.reports.tables import markdown_table
+from polyclip.text import label_similarity_matrix, label_vectors, load_word_vectors
+
+POOL_LABELED, POOL_VAL = 500, 100  # per class, from the train pool (seed 0 split), encoded once
+GRID: dict[str, list[Any]] = {"loss": ["hinge", "cosine"], "standardize": [True, False], "labels_per_class": [50, 500],
+        "head_word": [False, True]}
+
+
+def fit_devise(x: np.ndarray, y: np.ndarray, vectors: np.ndarray, *, loss: str, epochs: int, seed: int,
+               lr: float = 0.01) -> DeViSETask:
+    """polyclip's DeViSE task on cached features, full batch, by the generic loop."""
+    torch.manual_seed(seed)
+    task = DeViSETask(None, x.shape[1], vectors, loss=loss, margin=0.1, negatives="all", seed=seed)
+    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
+    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    return task.eval()
+
+
+def scores_over(task: DeViSETask, x: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Cosine scores of ``x`` against ``vectors`` (any class list)."""
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(task.embed(torch.from_numpy(x)), dim=1)
+        return (emb @ torch.nn.functional.normalize(torch.from_numpy(vectors), dim=1).T).numpy()
+
+
+def ridge_scores(x: np.ndarray, y: np.ndarray, vectors: np.ndarray, seen: list[int], x_test: np.ndarray) -> np.ndarray:
+    """The ASSETS.md reference: a ridge map from features to the label vector, cosine look-up."""
+    targets = vectors[seen][np.searchsorted(seen, y)]
+    pred = Ridge(alpha=1.0).fit(x, targets).predict(x_test)
+    pred /= np.linalg.norm(pred, axis=1, keepdims=True) + 1e-12
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return pred @ unit.T
+
+
+def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=0), x.std(axis=0) + 1e-6
+
+
+def pick(labels: np.ndarray, classes: list[int], per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``per_class`` random examples of each class in ``classes``."""
+    return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The exact command (``python -m jobs.benchmarks.devise_zeroshot ...``)."""
+    import shlex
+
+    return shlex.join(["python", "-m", "jobs.benchmarks.devise_zeroshot", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--folds", type=int, default=3, help="pseudo-unseen folds per seed")
+    parser.add_argument("--cache-dir", default=".cache/features")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(f"command: {command_line(argv)}", flush=True)
+    setup_logging()
+    init_ray()
+    out = out_dir("devise_zeroshot")
+    dataset = load_dataset("fashion_mnist")
+    names = list(dataset.class_names)
+    assert dataset.test is not None
+    split = make_split(dataset.train.labels, names, labels_per_class=POOL_LABELED, seed=0, val_per_class=POOL_VAL,
+                       test_labels=dataset.test.labels)
+    cache = FeatureCache(args.cache_dir)
+    t0 = time.perf_counter()
+    spec = "efficientnet_lite:0"
+    x_test = pool_features(cache, dataset, spec, args.image_size, "test", split.test, workers=args.workers)
+    x_lab = pool_features(cache, dataset, spec, args.image_size, "train", split.labeled, workers=args.workers)
+    x_val = pool_features(cache, dataset, spec, args.image_size, "train", split.val, workers=args.workers)
+    encode_s = time.perf_counter() - t0
+    y_test, y_lab, y_val = dataset.test.labels[split.test], dataset.train.labels[split.labeled], \
+        dataset.train.labels[split.val]
+    kv = load_word_vectors("glove-6b-50d")
+    vectors = {hw: label_vectors(names, kv, head_word=hw) for hw in (False, True)}
+    # Semantic similarity is always measured with the full-label vectors, so settings compare alike.
+    similarity = label_similarity_matrix(vectors[False]).numpy()
+    settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+
+    def run(setting: dict[str, Any], train_classes: list[int], xs: list[np.ndarray], seed: int
+            ) -> tuple[DeViSETask, list[np.ndarray]]:
+        """Train on ``train_classes`` (labeled pool), return the task and the transformed eval sets."""
+        rng = np.random.default_rng(seed)
+        rows = pick(y_lab, train_classes, setting["labels_per_class"], rng)
+        x, y = x_lab[rows], y_lab[rows]
+        if setting["standardize"]:
+            mean, std = standardizer(x)
+            x, xs = (x - mean) / std, [(e - mean) / std for e in xs]
+        v = vectors[setting["head_word"]]
+        position = {c: i for i, c in enumerate(train_classes)}
+        task = fit_devise(x.astype(np.float32), np.array([position[c] for c in y]), v[train_classes],
+                          loss=setting["loss"], epochs=args.epochs, seed=seed)
+        return task, [e.astype(np.float32) for e in xs]
+
+    per_seed, selection_rows = [], []
+    for seed in args.seeds:
+        unseen = choose_unseen(names, None, 3, seed)
+        seen = [c for c in range(len(names)) if c not in unseen]
+        rng = np.random.default_rng(1000 + seed)
+        folds = [sorted(rng.choice(seen, 2, replace=False).tolist()) for _ in range(args.folds)]
+        val_scores = []
+        for setting in settings:
+            accs = []
+            for pseudo in folds:
+                train_classes = [c for c in seen if c not in pseudo]
+                rows = np.isin(y_val, pseudo)
+                task, (xv,) = run(setting, train_classes, [x_val[rows]], seed)
+                s = scores_over(task, xv, vectors[setting["head_word"]][pseudo])
+                accs.append(float((np.asarray(pseudo)[s.argmax(1)] == y_val[rows]).mean()))
+            val_scores.append(float(np.mean(accs)))
+            selection_rows.append({"seed": seed, **setting, "pseudo_unseen_val_acc": round(val_scores[-1], 4)})
+        best = settings[int(np.argmax(val_scores))]
+        t_fit = time.perf_counter()
+        task, (xt,) = run(best, seen, [x_test], seed)
+        fit_s = time.perf_counter() - t_fit
+        report = zero_shot_report(scores_over(task, xt, vectors[best["head_word"]]), y_test, names, unseen,
+                                  similarity=similarity, seed=seed)
+        # Baselines on the same split: the default setting (hinge, raw features, 500 labels, full label)
+        # and the ridge map of ASSETS.md.
+        default = {"loss": "hinge", "standardize": False, "labels_per_class": 500, "head_word": False}
+        dtask, (xd,) = run(default, seen, [x_test], seed)
+        default_report = zero_shot_report(scores_over(dtask, xd, vectors[False]), y_test, names, unseen,
+                                          similarity=similarity, seed=seed)
+        rows = pick(y_lab, seen, 500, np.random.default_rng(seed))
+        ridge_report = zero_shot_report(ridge_scores(x_lab[rows], y_lab[rows], vectors[False], seen, x_test),
+                                        y_test, names, unseen, similarity=similarity, seed=seed)
+        per_seed.append({"seed": seed, "unseen": report["unseen_classes"], "chosen": best,
+                         "chosen_val_acc": max(val_scores), "fit_seconds": round(fit_s, 2), "devise": report,
+                         "devise_default": default_report, "ridge": ridge_report})
+        print(f"seed {seed}: unseen {report['unseen_classes']}, chosen {best}: unseen acc "
+              f"{report['unseen_top1']:.3f} (default {default_report['unseen_top1']:.3f}, ridge "
+              f"{ridge_report['unseen_top1']:.3f})", flush=True)
+
+    def row(label: str, key: str) -> dict[str, Any]:
+        reps = [s[key] for s in per_seed]
+        get = {
+            "unseen_top1": lambda r: r["unseen_top1"], "generalised_top1": lambda r: r["generalised_top1"],
+            "generalised_harmonic": lambda r: r["generalised_harmonic"], "seen_top1": lambda r: r["seen_top1"],
+            "hit@1": lambda r: r["hit"]["hit@1"], "hit@5": lambda r: r["hit"]["hit@5"],
+            "top3_similarity": lambda r: r["semantic"]["top3_similarity"],
+            "control_similarity": lambda r: r["semantic"]["control_similarity"],
+        }
+        out_row: dict[str, Any] = {"model": label}
+        for name, fn in get.items():
+            s = summary([fn(r) for r in reps])
+            out_row[name] = f"{s['median']:.3f} ({', '.join(f'{v:.3f}' for v in s['values'])})"
+        return out_row
+
+    table = [row("DeViSE, chosen on pseudo-unseen", "devise"), row("DeViSE, default setting", "devise_default"),
+             row("ridge map (ASSETS.md reference)", "ridge")]
+    med = {k: float(np.median([s[k]["unseen_top1"] for s in per_seed])) for k in ("devise", "devise_default", "ridge")}
+    result = {"command": command_line(argv), "seeds": args.seeds, "epochs": args.epochs, "folds": args.folds,
+              "encode_seconds": round(encode_s, 1), "test_images": len(y_test), "per_seed": per_seed,
+              "median_unseen_top1": med, "ratio_devise_over_ridge": med["devise"] / med["ridge"],
+              "selection": selection_rows}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    bar_chart({k: v for k, v in med.items()}, out / "unseen_accuracy.png",
+              "Fashion-MNIST unseen-class accuracy (3 classes, chance 0.333), median of seeds", "accuracy")
+    md = (f"# DeViSE zero-shot, Fashion-MNIST 7 seen / 3 unseen\n\nCommand: `{result['command']}`\n\n"
+          f"Frozen efficientnet_lite:0 features at {args.image_size} px, GloVe 6B 50d, full {len(y_test)}-image "
+          f"test set, seeds {args.seeds} (each seed draws its own unseen classes). Cells: median over seeds "
+          "(per-seed values). unseen_top1 is among the 3 unseen classes (chance 0.333); generalised_top1 over all "
+          "10 classes on all test images; hit@k over the 10 classes; top3_similarity is the mean GloVe cosine of "
+          "the top-3 predictions to the true label, control_similarity that of random label pairs.\n\n"
+          + markdown_table(table)
+          + f"\nMedian unseen accuracy: DeViSE {med['devise']:.3f}, ridge {med['ridge']:.3f} "
+          f"(ratio {result['ratio_devise_over_ridge']:.2f}).\n\n## Per seed\n\n"
+          + markdown_table([{"seed": s["seed"], "unseen classes": ", ".join(s["unseen"]),
+                             "chosen setting": json.dumps(s["chosen"]),
+                             "pseudo-unseen val acc": round(s["chosen_val_acc"], 3),
+                             "unseen_top1": round(s["devise"]["unseen_top1"], 3),
+                             "ridge unseen_top1": round(s["ridge"]["unseen_top1"], 3)} for s in per_seed])
+          + "\n## Setting selection (pseudo-unseen seen classes only; the test set was not used)\n\n"
+          + markdown_table(selection_rows) + "\n![unseen accuracy](unseen_accuracy.png)\n")
+    (out / "results.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

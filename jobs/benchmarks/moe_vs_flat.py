@@ -1,0 +1,163 @@
+"""Mixture of experts over superclasses vs the flat linear classifier, Fashion-MNIST.
+
+Frozen EfficientNet-Lite0 features (112 px, cached; the same train pool and full 10k
+test set as ``devise_zeroshot``), ``--labels`` labels per class drawn per seed. Models,
+each trained full batch by the generic loop with the same optimiser and budget:
+
+* ``flat``: polyclip's linear probe;
+* ``moe:config``: superclasses given by hand (tops, footwear, trousers, bags);
+* ``moe:vectors``: k-means of the labels' GloVe vectors, ``k`` groups;
+* ``moe:confusion``: the flat probe's confusion matrix on held-out train-pool images
+  (100 per class), clustered into ``k`` groups (the recipe's route).
+
+Reports test accuracy (median over seeds), superclass accuracy, the per-class confusion
+heatmaps (first seed) and the most-confused class pairs of the flat model and each MoE.
+
+Usage::
+
+    python -m jobs.benchmarks.moe_vs_flat [--seeds 0 1 2] [--labels 100] [--k 4] [--epochs 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix
+
+from jobs.benchmarks.common import out_dir, pool_features, summary
+from jobs.recipes.moe import assignment_from_names, fit_flat_probe
+from jobs.runtime import init_ray, setup_logging
+from polyclip.data.datasets import load_dataset
+from polyclip.data.splits import make_split
+from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.features.cache import FeatureCache
+from polyclip.methods.moe import (
+    MixtureOfExpertsTask,
+    most_confused_pairs,
+    superclasses_from_confusion,
+    superclasses_from_vectors,
+)
+from polyclip.reports.plots import bar_chart, confusion_heatmap
+from polyclip.reports.tables import markdown_table
+from polyclip.text import label_vectors, load_word_vectors
+
+GIVEN = [["T-shirt/top", "Pullover", "Dress", "Coat", "Shirt"], ["Sandal", "Sneaker", "Ankle boot"], ["Trouser"],
+         ["Bag"]]
+
+
+def fit_moe(x: np.ndarray, y: np.ndarray, assignment: list[int], num_classes: int, *, epochs: int, lr: float,
+            seed: int) -> MixtureOfExpertsTask:
+    torch.manual_seed(seed)
+    task = MixtureOfExpertsTask(x.shape[1], assignment, num_classes)
+    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
+    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    return task.eval()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--labels", type=int, default=100, help="labels per class (at most 500)")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--cache-dir", default=".cache/features")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "jobs.benchmarks.moe_vs_flat", *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}", flush=True)
+    setup_logging()
+    init_ray()
+    out = out_dir("moe_vs_flat")
+    dataset = load_dataset("fashion_mnist")
+    assert dataset.test is not None
+    names = list(dataset.class_names)
+    split = make_split(dataset.train.labels, names, labels_per_class=500, seed=0, val_per_class=100,
+                       test_labels=dataset.test.labels)
+    cache = FeatureCache(args.cache_dir)
+    spec = "efficientnet_lite:0"
+    x_test = pool_features(cache, dataset, spec, args.image_size, "test", split.test)
+    x_lab = pool_features(cache, dataset, spec, args.image_size, "train", split.labeled)
+    x_val = pool_features(cache, dataset, spec, args.image_size, "train", split.val)
+    y_test, y_lab, y_val = (dataset.test.labels[split.test], dataset.train.labels[split.labeled],
+                            dataset.train.labels[split.val])
+    vectors = label_vectors(names, load_word_vectors("glove-6b-50d"))
+    num = len(names)
+    results: dict[str, list[dict[str, Any]]] = {}
+    first: dict[str, Any] = {}
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        rows = np.concatenate([rng.permutation(np.flatnonzero(y_lab == c))[:args.labels] for c in range(num)])
+        x, y = x_lab[rows], y_lab[rows]
+        flat = fit_flat_probe(x, y, num, epochs=args.epochs, lr=args.lr, seed=seed)
+        with torch.no_grad():
+            val_pred = flat.predict(torch.from_numpy(x_val)).argmax(1).numpy()
+            flat_logits = flat.predict(torch.from_numpy(x_test)).numpy()
+        groupings = {
+            "moe:config": assignment_from_names(GIVEN, names),
+            "moe:vectors": superclasses_from_vectors(vectors, args.k, seed=seed),
+            "moe:confusion": superclasses_from_confusion(confusion_matrix(y_val, val_pred, labels=np.arange(num)),
+                                                         args.k, seed=seed),
+        }
+        models: dict[str, tuple[np.ndarray, list[int] | None]] = {"flat": (flat_logits, None)}
+        for label, assignment in groupings.items():
+            task = fit_moe(x, y, assignment, num, epochs=args.epochs, lr=args.lr, seed=seed)
+            with torch.no_grad():
+                models[label] = (task.predict(torch.from_numpy(x_test)).numpy(), assignment)
+        for label, (logits, grouping) in models.items():
+            pred = logits.argmax(1)
+            cm = confusion_matrix(y_test, pred, labels=np.arange(num))
+            entry: dict[str, Any] = {"seed": seed, "top1": float((pred == y_test).mean()), "confusion": cm.tolist()}
+            if grouping is not None:
+                of = np.asarray(grouping)
+                entry["superclass_top1"] = float((of[pred] == of[y_test]).mean())
+                entry["superclasses"] = [[names[c] for c in range(num) if grouping[c] == g]
+                                         for g in range(max(grouping) + 1)]
+            results.setdefault(label, []).append(entry)
+            if seed == args.seeds[0]:
+                first[label] = cm
+        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['top1']:.4f}" for k, v in results.items()), flush=True)
+
+    table, pairs_md = [], []
+    flat_med = summary([e["top1"] for e in results["flat"]])["median"]
+    for label, entries in results.items():
+        s = summary([e["top1"] for e in entries])
+        row = {"model": label, "test_top1_median": s["median"], "per_seed": [round(v, 4) for v in s["values"]],
+               "vs_flat": s["median"] - flat_med}
+        if "superclasses" in entries[0]:
+            row["superclass_top1_median"] = summary([e["superclass_top1"] for e in entries])["median"]
+            row["superclasses (first seed)"] = " | ".join(", ".join(g) for g in entries[0]["superclasses"])
+        table.append(row)
+        slug = label.replace(":", "_")
+        confusion_heatmap(first[label], names, out / f"confusion_{slug}.png",
+                          title=f"{label}: test confusion, seed {args.seeds[0]} (row-normalised)")
+        pairs = most_confused_pairs(first[label], names, n=8, symmetric=True)
+        pairs_md.append(f"### {label}\n\n" + markdown_table([{"class a": a, "class b": b, "confusions": n}
+                                                               for a, b, n in pairs])
+                        + f"\n![{label}](confusion_{slug}.png)\n")
+    bar_chart({r["model"]: r["test_top1_median"] for r in table}, out / "accuracy.png",
+              f"Fashion-MNIST, {args.labels} labels/class, Lite0 112 px: median test accuracy", "accuracy")
+    result = {"command": command, "labels_per_class": args.labels, "k": args.k, "epochs": args.epochs,
+              "seeds": args.seeds, "test_images": len(y_test), "table": table, "results": results}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    md = (f"# Mixture of experts vs flat classifier\n\nCommand: `{command}`\n\nFrozen efficientnet_lite:0 features "
+          f"({args.image_size} px), {args.labels} labels per class, full {len(y_test)}-image test set, seeds "
+          f"{args.seeds}; every model full-batch Adam, {args.epochs} steps, lr {args.lr}. k = {args.k} derived "
+          "superclasses.\n\n" + markdown_table(table) + "\n![accuracy](accuracy.png)\n\n"
+          f"## Most-confused class pairs (seed {args.seeds[0]}, both directions summed)\n\n" + "\n".join(pairs_md))
+    (out / "results.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
