@@ -29,4 +29,21 @@ ray job submit --address "$ADDRESS" --working-dir . --runtime-env cluster/runtim
 echo
 echo "== results (runs/$NAME/report.md)"
 sed -n '1,/## Per-class/p' "runs/$NAME/report.md" | head -n -1
-echo "== finished in $(( $(date +%s) - START )) s; run directory: runs/$NAME"
+echo "== train job done after $(( $(date +%s) - START )) s; run directory: runs/$NAME"
+
+# Second half: fit the adaptive ensemble of the three EfficientNet-Lite backbones (reusing the
+# lite0 features just cached), then serve it and classify real photos and test images over HTTP.
+ENSEMBLE_CONFIG="${ENSEMBLE_CONFIG:-jobs/configs/ensemble/demo.yaml}"
+ENAME=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$ENSEMBLE_CONFIG")
+echo
+echo "== submitting the ensemble job $ENSEMBLE_CONFIG (run $ENAME)"
+ray job submit --address "$ADDRESS" --working-dir . --runtime-env cluster/runtime_env.yaml \
+    -- python -m jobs.ensemble --config "$ENSEMBLE_CONFIG" "run.output_dir=$PWD/runs" "run.cache_dir=$PWD/.cache/features"
+echo
+echo "== ensemble results (runs/$ENAME/ensemble.md)"
+sed -n '1,/^Mean backbone weight/p' "runs/$ENAME/ensemble.md" | head -n -1
+
+echo "== serving runs/$ENAME/ensemble on Ray Serve and classifying over HTTP"
+ray job submit --address "$ADDRESS" --working-dir . --runtime-env cluster/runtime_env.yaml \
+    -- python -m serve.demo_client --artifact "$PWD/runs/$ENAME/ensemble"
+echo "== finished in $(( $(date +%s) - START )) s; runs: runs/$NAME, runs/$ENAME (artifact runs/$ENAME/ensemble)"

@@ -49,7 +49,7 @@ def test_bad_config_fails_before_ray_starts(monkeypatch):
         raise AssertionError("Ray was started for an invalid config")
 
     monkeypatch.setattr(ensemble_job, "init_ray", no_ray)
-    with pytest.raises(SystemExit, match="protocol.name"):
+    with pytest.raises(SystemExit, match=r"protocol\.name"):
         ensemble_job.main(["--config", str(SHIPPED[0]), "protocol.name=magic"])
 
 
@@ -57,6 +57,7 @@ def test_bad_config_fails_before_ray_starts(monkeypatch):
 def test_ensemble_job_end_to_end(ray_cluster, tmp_path):
     import torch
     import yaml
+
     from polyclip.backbones import create_backbone, save_backbone
 
     # A saved random CNN: every encoder actor (and serving) rebuilds the same weights.
