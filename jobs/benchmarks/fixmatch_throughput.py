@@ -1,0 +1,123 @@
+"""Images per second of a FixMatch training step vs a supervised step, side by side.
+
+Usage::
+
+    python -m jobs.benchmarks.fixmatch_throughput [--backbone random:small_cnn@16] [--batch 32] [--mu 7]
+        [--repeats 5] [--steps 3] [--threads 1] [--out runs/benchmarks/fixmatch_throughput]
+
+Same model, same labeled batch ``B``, same thread count, in one process; the two step
+kinds alternate within every repeat so CPU contention hits both alike. A step is forward
++ backward + optimiser step + EMA update. Counting: a FixMatch step processes ``B``
+labeled + ``mu * B`` unlabeled images (each unlabeled image is augmented twice and goes
+through the model twice, weak and strong views); a supervised step processes ``B``
+labeled images. Reported: images/s by that count, and model forward passes per second
+(``B + 2 mu B`` vs ``B``). Medians over repeats; the ratio is of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="random:small_cnn@16")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--mu", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat and kind")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/benchmarks/fixmatch_throughput")
+    return parser.parse_args(argv)
+
+
+def time_steps(task: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int) -> float:
+    """Seconds for ``steps`` full training steps (forward, backward, SGD step, EMA update)."""
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True)
+    task.train()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        loss = task(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        task.after_optimizer_step()  # type: ignore[operator]
+    return time.perf_counter() - tic
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    print("command: python -m jobs.benchmarks.fixmatch_throughput " + " ".join(shlex.quote(a) for a in given),
+          flush=True)
+    from polyclip.backbones import create_backbone
+    from polyclip.io import atomic_write_json, atomic_write_text
+    from polyclip.methods.fixmatch import FixMatchTask
+    from polyclip.methods.pseudo_label import PseudoLabelTask
+    from polyclip.reports.plots import bar_chart
+    from polyclip.reports.tables import markdown_table
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    in_chans = 1 if args.backbone.startswith(("random:", "pixels")) else None
+    backbone = create_backbone(args.backbone, in_chans=in_chans)
+    size = backbone.preprocessing.image_size
+    chans = in_chans or 3
+    g = torch.Generator().manual_seed(0)
+    b, m = args.batch, args.mu * args.batch
+    batch = {"x": torch.randint(0, 256, (b, chans, size, size), dtype=torch.uint8, generator=g),
+             "y": torch.randint(0, 10, (b,), generator=g),
+             "u_x": torch.randint(0, 256, (m, chans, size, size), dtype=torch.uint8, generator=g)}
+    supervised_batch = {"x": batch["x"], "y": batch["y"]}
+    fixmatch = FixMatchTask(backbone, 10)
+    # The supervised baseline of the semi configs: same encoder copy, weak augmentation, EMA.
+    from polyclip.augment.fixmatch import fixmatch_weak
+
+    supervised = PseudoLabelTask(create_backbone(args.backbone, in_chans=in_chans), 10, augment=fixmatch_weak())
+    supervised.load_state_dict(
+        {k: v for k, v in fixmatch.state_dict().items() if k.startswith(("model.", "ema."))}, strict=False)
+    time_steps(fixmatch, batch, 1)  # warm-up
+    time_steps(supervised, supervised_batch, 1)
+    fm_rates, sup_rates = [], []
+    for _ in range(args.repeats):
+        fm_rates.append((b + m) * args.steps / time_steps(fixmatch, batch, args.steps))
+        sup_rates.append(b * args.steps / time_steps(supervised, supervised_batch, args.steps))
+    fm, sup = statistics.median(fm_rates), statistics.median(sup_rates)
+    rows = [
+        {"step": "fixmatch", "images_per_step": b + m, "forward_images_per_step": b + 2 * m,
+         "images_per_s": fm, "forward_images_per_s": fm * (b + 2 * m) / (b + m), "steps_per_s": fm / (b + m)},
+        {"step": "supervised", "images_per_step": b, "forward_images_per_step": b,
+         "images_per_s": sup, "forward_images_per_s": sup, "steps_per_s": sup / b},
+    ]
+    result = {"backbone": args.backbone, "image_size": size, "batch": b, "mu": args.mu, "threads": args.threads,
+              "repeats": args.repeats, "steps_per_repeat": args.steps, "rows": rows,
+              "fixmatch_images_per_s_all": fm_rates, "supervised_images_per_s_all": sup_rates,
+              "ratio_images_per_s_fixmatch_over_supervised": fm / sup,
+              "ratio_steps_per_s_fixmatch_over_supervised": (fm / (b + m)) / (sup / b)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    table = markdown_table(rows)
+    text = (f"# FixMatch vs supervised step throughput\n\n`{args.backbone}` at {size} px, B={b}, mu={args.mu}, "
+            f"{args.threads} thread(s), median of {args.repeats} repeats x {args.steps} steps (CPU shared with "
+            f"other jobs).\n\n{table}\n\nFixMatch / supervised images/s: "
+            f"{result['ratio_images_per_s_fixmatch_over_supervised']:.3f}; steps/s: "
+            f"{result['ratio_steps_per_s_fixmatch_over_supervised']:.3f}\n")
+    atomic_write_text(out / "results.md", text)
+    bar_chart({"fixmatch (B + mu B)": fm, "supervised (B)": sup}, out / "throughput.png",
+              "training images per second", "images/s")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
