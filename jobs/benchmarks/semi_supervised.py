@@ -45,8 +45,9 @@ def teacher_report(cfg: Any, metrics: dict[str, Any]) -> dict[str, Any] | None:
     """The teacher's pseudo-label report: from metrics.json once the job copies it, else re-prepared (cached)."""
     if getattr(cfg.method, "teacher", None) is None:
         return None
-    if "teacher_report" in metrics:
-        return metrics["teacher_report"]  # type: ignore[no-any-return]
+    if "teacher_report" in metrics:  # run_job copies payload["info"]["report"] ({"teacher": ...}) there
+        stored = metrics["teacher_report"]
+        return stored.get("teacher", stored)  # type: ignore[no-any-return]
     from jobs.train import load_data, prepare_payload
 
     dataset, split = load_data(cfg)
