@@ -171,3 +171,23 @@ class WorkerKiller(threading.Thread):
             history = reported_history(self.storage)
             self.done.append(Kill(at, pids, len(history), len(written_history(self.storage)), history))
             target = len(history) + 1
+
+
+def start_local_ray(num_cpus: int, attempts: int = 3) -> float:
+    """``jobs.runtime.init_ray`` for a local instance, retried: on a saturated machine the raylet can
+    miss Ray's fixed 30 s registration deadline. Returns the seconds of the successful attempt."""
+    import ray
+
+    from jobs.runtime import init_ray
+
+    for attempt in range(1, attempts + 1):
+        tic = time.perf_counter()
+        try:
+            init_ray(None, num_cpus=num_cpus)
+            return time.perf_counter() - tic
+        except Exception as exc:  # Ray raises a bare Exception for this time-out
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            print(f"Ray did not start (attempt {attempt}/{attempts}: {exc}); retrying", flush=True)
+    raise AssertionError("unreachable")

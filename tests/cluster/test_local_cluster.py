@@ -1,8 +1,11 @@
 """cluster/local/up.sh + down.sh for real: a token-authenticated head on spare ports takes a
-job with the token, refuses one without it, and down.sh leaves none of its processes."""
+job with the token, refuses one without it, runs a real training job submitted the way
+cluster/README.md tells a laptop user to (``--working-dir .``, ``--runtime-env``), answers
+``ray job status`` / ``logs`` / ``stop``, and down.sh leaves none of its processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -57,6 +60,24 @@ def _http_status(url: str, token: str | None) -> int:
         return e.code
 
 
+def _ray_job(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(RAY), "job", *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _wait_status(address: str, job_id: str, env: dict[str, str], want: str, timeout: float = 120) -> str:
+    """Poll ``ray job status`` until its answer contains ``want``. The CLI prints ``Job '<id>' succeeded``,
+    ``Job '<id>' was stopped``, ``Job '<id>' failed`` or ``Status for job '<id>': RUNNING``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _ray_job(["status", "--address", address, job_id], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        if want in out.stdout:
+            return out.stdout
+        assert time.monotonic() < deadline, f"job {job_id} never reached {want}: {out.stdout}"
+        time.sleep(1)
+
+
 def test_up_submit_with_and_without_token_down(tmp_path: Path):
     if not RAY.exists():
         pytest.skip("needs the project venv (.venv/bin/ray)")
@@ -65,7 +86,7 @@ def test_up_submit_with_and_without_token_down(tmp_path: Path):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
     base.update(RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp_path))  # no ~/.ray/auth_token of the user
     env = dict(base, POLYCLIP_STATE_DIR=str(state_dir), POLYCLIP_RAY_PORT=str(ray_port),
-               POLYCLIP_DASHBOARD_PORT=str(dash_port), POLYCLIP_NUM_CPUS="1", POLYCLIP_RAY_AUTH="token",
+               POLYCLIP_DASHBOARD_PORT=str(dash_port), POLYCLIP_NUM_CPUS="2", POLYCLIP_RAY_AUTH="token",
                POLYCLIP_RAY_TEMP_DIR=f"/tmp/polyclip-ray-test-{ray_port}", POLYCLIP_STOP_TIMEOUT="15")
     address = f"http://127.0.0.1:{dash_port}"
 
@@ -98,6 +119,39 @@ def test_up_submit_with_and_without_token_down(tmp_path: Path):
                                  env=without, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert refused.returncode != 0
         assert "Authentication required" in refused.stdout + refused.stderr
+
+        # A real training job, submitted from the repo root as cluster/README.md says.
+        runs = tmp_path / "runs"
+        train_id = f"smoke-{ray_port}"
+        job = _ray_job(["submit", "--address", address, "--submission-id", train_id, "--working-dir", ".",
+                        "--runtime-env", "cluster/runtime_env.yaml", "--",
+                        "python", "-m", "jobs.train", "--config", "jobs/configs/smoke_probe.yaml",
+                        f"run.output_dir={runs}", f"run.cache_dir={tmp_path / 'cache'}", "scaling.num_workers=1",
+                        "train.epochs=2"], with_token, timeout=420)
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert "succeeded" in job.stdout
+        metrics = json.loads((runs / "smoke-probe" / "metrics.json").read_text())
+        assert metrics["epochs"] == 2 and metrics["test"]["top1"] > 0.2
+        assert (runs / "smoke-probe" / "checkpoint" / "state.pt").exists()
+        _wait_status(address, train_id, with_token, f"Job '{train_id}' succeeded", timeout=10)
+        logs = _ray_job(["logs", "--address", address, train_id], with_token)
+        assert logs.returncode == 0, logs.stderr
+        assert "rank 0 starts training at epoch 1/2" in logs.stdout
+        assert f"run directory: {runs / 'smoke-probe'}" in logs.stdout
+
+        # A long job: running, then stopped by `ray job stop`.
+        sleep_id = f"sleep-{ray_port}"
+        started = _ray_job(["submit", "--address", address, "--no-wait", "--submission-id", sleep_id, "--",
+                            "python", "-c", "import time; print('sleeping', flush=True); time.sleep(600)"],
+                           with_token)
+        assert started.returncode == 0, started.stdout + started.stderr
+        _wait_status(address, sleep_id, with_token, f"Status for job '{sleep_id}': RUNNING")
+        stop = _ray_job(["stop", "--address", address, sleep_id], with_token, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        _wait_status(address, sleep_id, with_token, f"Job '{sleep_id}' was stopped", timeout=60)
+        # Nobody without the token may look at jobs either.
+        peek = _ray_job(["status", "--address", address, sleep_id], without)
+        assert peek.returncode != 0 and "Authentication required" in peek.stdout + peek.stderr
     finally:
         down = subprocess.run([str(LOCAL / "down.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
