@@ -41,18 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def teacher_report(cfg: Any, metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The teacher's pseudo-label report: from metrics.json once the job copies it, else re-prepared (cached)."""
-    if getattr(cfg.method, "teacher", None) is None:
-        return None
-    if "teacher_report" in metrics:  # run_job copies payload["info"]["report"] ({"teacher": ...}) there
-        stored = metrics["teacher_report"]
-        return stored.get("teacher", stored)  # type: ignore[no-any-return]
-    from jobs.train import load_data, prepare_payload
-
-    dataset, split = load_data(cfg)
-    payload = prepare_payload(cfg, dataset, split, {})
-    return payload["info"]["report"]["teacher"]  # type: ignore[no-any-return]
+def teacher_report(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher's pseudo-label report, which the semi recipe puts into metrics.json."""
+    return metrics.get("teacher_report")  # type: ignore[no-any-return]
 
 
 def plot_thresholds(history: list[dict[str, float]], path: Path, title: str) -> None:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                mask_rate=last.get("mask_rate"), pseudo_acc=last.get("pseudo_acc"),
                                teacher_mask_rate=last.get("teacher_mask_rate"),
                                teacher_pseudo_acc=last.get("teacher_pseudo_acc"))
-                    report = teacher_report(cfg, metrics)
+                    report = teacher_report(metrics)
                     if report is not None:
                         first = report["thresholds"][0]
                         row.update(teacher_pool_acc=report["teacher_accuracy"], teacher_accepted=first["accepted"],

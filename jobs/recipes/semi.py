@@ -189,4 +189,10 @@ def streams(params: SemiParams) -> dict[str, tuple[str, int]]:
     return {"": ("train", 1), "u_": ("unlabeled", params.mu)}
 
 
-RECIPE = Recipe(params=SemiParams, prepare=prepare, build_task=build_task, streams=streams)
+def report(cfg: Any, params: SemiParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``metrics["teacher_report"]``: per-class precision of accepted teacher labels, never-passing classes."""
+    teacher = payload["info"].get("report", {}).get("teacher")
+    return {"teacher_report": teacher} if teacher is not None else {}
+
+
+RECIPE = Recipe(params=SemiParams, prepare=prepare, build_task=build_task, streams=streams, report=report)

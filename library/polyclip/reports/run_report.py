@@ -11,7 +11,7 @@ import numpy as np
 
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.metrics.classification import classification_metrics
-from polyclip.reports.plots import confusion_heatmap, learning_curves
+from polyclip.reports.plots import confusion_heatmap, learning_curves, line_plot
 from polyclip.reports.tables import markdown_table
 
 
@@ -62,6 +62,11 @@ def write_run_report(
                       title=f"{name}: test confusion (row-normalised)")
     if history:
         learning_curves(history, folder / "curves.png")
+        thresholds = {k.removeprefix("threshold/"): k for k in history[-1] if k.startswith("threshold/")}
+        if thresholds:  # class-aware adaptive thresholds, one line per class
+            epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+            line_plot({name: (epochs, [h.get(key, np.nan) for h in history]) for name, key in thresholds.items()},
+                      folder / "thresholds.png", f"{name}: per-class confidence thresholds", "epoch", "threshold")
     atomic_write_text(folder / "report.md", summary_markdown(metrics))
     return metrics
 
