@@ -77,9 +77,10 @@ def pretrain(cfg: Any, out: Path) -> tuple[Backbone, dict[str, Any]]:
     payload = prepare_payload(cfg, dataset, split, {})
     recipe = RECIPES[cfg.method.name]
     torch.manual_seed(cfg.seed)
-    task = recipe.build_task(cfg, cfg.method, payload)
-    if not isinstance(task, SimCLRTask):
+    built = recipe.build_task(cfg, cfg.method, payload)
+    if not isinstance(built, SimCLRTask):
         raise ValueError(f"{cfg.name}: method {cfg.method.name!r} is not SimCLR")
+    task: SimCLRTask = built
     loaders = {prefix: ArrayLoader(payload[key], cfg.train.batch_size * mult, seed=cfg.seed + i,
                                    drop_last=len(payload[key]["x"]) > cfg.train.batch_size * mult)
                for i, (prefix, (key, mult)) in enumerate(recipe.streams(cfg.method).items())}
