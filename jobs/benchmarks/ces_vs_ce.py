@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument("--test-limit", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="ces_vs_ce", help="output folder under runs/benchmarks/")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "jobs.benchmarks.ces_vs_ce", *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}", flush=True)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = {"error distance lower by >= 10%": median(dist_ratio) <= 0.9,
               "accuracy loss <= 0.5 points": median(acc_delta) * 100 >= -0.5}
     result["targets_met"] = target
-    folder = out_dir("ces_vs_ce")
+    folder = out_dir(args.name)
     (folder / "ces_vs_ce.json").write_text(json.dumps(result, indent=2))
     bars: dict[str, float] = {f"{r['loss']} (acc)": r["test_acc_median"] for r in rows}
     bars |= {f"{r['loss']} (err. dist.)": r["semantic_error_distance_median"] for r in rows}
