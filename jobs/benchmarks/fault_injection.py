@@ -50,7 +50,7 @@ def run(name: str, overrides: list[str], kills: int, rng: random.Random) -> dict
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)  # a fresh run, not a resumption of the previous benchmark
     killer = WorkerKiller(Path(str(cfg.run.storage_path)) / cfg.name, kills=kills, min_epochs=1,
-                          delay=lambda h: rng.uniform(0.1, 0.9) * float(h[-1]["epoch_seconds"]))
+                          delay=lambda h: rng.uniform(0.1, 0.9) * float(h[-1]["epoch_seconds"]), timeout=1200)
     load = os.getloadavg()[0]
     tic = time.perf_counter()
     if kills:

@@ -26,12 +26,12 @@ CONFIG = str(ROOT / "jobs" / "configs" / "fault_injection.yaml")
 # Slow: the restart starts a new worker process (torch, the task, the process group); on this
 # shared 2-core machine the test took 3.5 min after Ray was up, well over the default budget.
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     """SIGKILL the Ray Train worker half an epoch after Ray registered the epoch-2 checkpoint."""
     overrides = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}"]
     cfg = load_config(CONFIG, overrides)
-    killer = WorkerKiller(Path(str(cfg.run.storage_path)) / cfg.name, kills=1, min_epochs=2)
+    killer = WorkerKiller(Path(str(cfg.run.storage_path)) / cfg.name, kills=1, min_epochs=2, timeout=1200)
     killer.start()
     try:
         metrics = train.main(["--config", CONFIG, *overrides])
