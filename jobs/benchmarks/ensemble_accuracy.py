@@ -19,7 +19,7 @@ ensemble there) and its backbone calls and accuracy are then measured on the tes
 Usage::
 
     python -m jobs.benchmarks.ensemble_accuracy [--seeds 0 1 2] [--val-per-class 30] [--cache-dir DIR]
-        [--test-limit N] [--select-seeds 0]
+        [--test-limit N] [--select-seeds 0] [--wait-full-test SECONDS]
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--test-limit", type=int, default=None,
                         help="class-stratified test subset (default: the full test set)")
+    parser.add_argument("--wait-full-test", type=float, default=0.0,
+                        help="seconds to wait for a full-test-set cache entry another process is writing")
     parser.add_argument("--select-seeds", type=int, nargs="+", default=None,
                         help="seeds whose validation runs the option grid (default: every seed); the others "
                              "reuse the choice of the first such seed at the same k")
@@ -156,16 +158,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     feats: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}, "test": {}}
     full_test = np.arange(len(dataset.test))
     for spec in BACKBONES:
-        # A test subset is sliced from a cached full-test-set entry when there is one.
-        key = feature_key(spec, create_backbone(spec, image_size=args.image_size).preprocessing.key(),
-                          dataset.fingerprint, "test", full_test)
-        full = cache.get(key) if len(test_idx) < len(full_test) else None
-        feats["test"][spec] = full[test_idx] if full is not None else pool_features(
-            cache, dataset, spec, args.image_size, "test", test_idx, workers=args.workers)
-        feats["train"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", labeled_union,
-                                             workers=args.workers)
         feats["val"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", val_idx,
                                            workers=args.workers)
+        feats["train"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", labeled_union,
+                                             workers=args.workers)
+        # The test set (or a subset, sliced) comes from a cached full-test-set entry when there is
+        # one, e.g. written by probe_accuracy; --wait-full-test waits for a concurrent producer.
+        key = feature_key(spec, create_backbone(spec, image_size=args.image_size).preprocessing.key(),
+                          dataset.fingerprint, "test", full_test)
+        waited_until = time.perf_counter() + args.wait_full_test
+        full = cache.get(key)
+        while full is None and time.perf_counter() < waited_until:
+            time.sleep(20)
+            full = cache.get(key)
+        feats["test"][spec] = full[test_idx] if full is not None else pool_features(
+            cache, dataset, spec, args.image_size, "test", test_idx, workers=args.workers)
     y_val, y_test = dataset.train.labels[val_idx], dataset.test.labels[test_idx]
     position = {idx: i for i, idx in enumerate(labeled_union)}
     t_features = time.perf_counter()
