@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe-epochs", type=int, default=60, help="teacher + classifier epochs (cheap)")
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--cache-dir", default=".cache/features")
     args = parser.parse_args(argv)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"command: {command}", flush=True)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}"]
+    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}",
+                 f"data.val_per_class={args.val_per_class}"]
     cfgs = {k: load_config(v, overrides) for k, v in CONFIGS.items()}
     s_cfg, t_cfg = cfgs["student"], cfgs["teacher"]
     dataset, split = load_data(s_cfg)
