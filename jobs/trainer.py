@@ -201,15 +201,3 @@ def read_final_checkpoint(checkpoint: Any, run_dir: Path) -> dict[str, Any]:
     resumes = json.loads((target / RESUMES_FILE).read_text()) if (target / RESUMES_FILE).exists() else []
     return {"arrays": arrays, "history": json.loads((target / HISTORY_FILE).read_text()), "resumes": resumes,
             "dir": target}
-
-
-def clear_ray_storage(cfg: JobConfig) -> None:
-    """Remove an earlier Ray run of the same name from local storage (fresh start)."""
-    import shutil
-
-    storage = str(cfg.run.storage_path)
-    if "://" in storage:
-        raise ValueError("run.resume=never with remote storage: delete the old run yourself or pick a new name")
-    path = Path(storage) / cfg.name
-    if path.exists():
-        shutil.rmtree(path)
