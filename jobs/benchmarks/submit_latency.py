@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     up = subprocess.run([str(LOCAL / "up.sh")], env=env, capture_output=True, text=True, timeout=300)
     up_seconds = time.perf_counter() - tic
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     try:
         if up.returncode != 0:
             raise RuntimeError(f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}")
@@ -133,9 +134,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             first, status, logs = wait_for_job(client, job_id, args.timeout)
             t_end = time.time()
             if status != "SUCCEEDED" or first is None:
+                # Recorded and skipped (on a shared machine a job can die of memory pressure), never timed.
                 (out / f"{job_id}.log").write_text(logs)
-                raise RuntimeError(f"job {job_id} ended {status} (first step seen: {first is not None}); "
-                                   f"logs in {out / f'{job_id}.log'}")
+                message = client.get_job_info(job_id).message
+                failures.append({"repeat": r, "job": job_id, "status": status, "message": message})
+                print(f"repeat {r}: job {job_id} ended {status} ({message}); logs in {out / f'{job_id}.log'}",
+                      flush=True)
+                continue
             driver = first_log_time(logs)
             row = {"repeat": r, "job": job_id, "submit_to_first_step_s": first - t_submit,
                    "cli_s": t_cli - t_submit,
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if down.returncode != 0:
             print(f"warning: cluster/local/down.sh failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
 
+    if not rows:
+        raise RuntimeError(f"every submission failed: {failures}")
     latencies = [row["submit_to_first_step_s"] for row in rows]
     report: dict[str, Any] = {
         "command": command, "config": args.config, "cpus": args.cpus, "up_seconds": up_seconds,
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "driver_to_first_step_s": summary([row["driver_to_first_step_s"] for row in rows]),
         "load_1min": summary([row["load_1min"] for row in rows]),
         "runs": rows,
+        "failed_submissions": failures,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     later = (f"{median(latencies[1:]):.2f} s (median of {len(latencies) - 1} later submissions, working dir "
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Submit -> first training step: median **{median(latencies):.2f} s**; first submission "
         f"{latencies[0]:.2f} s (uploads the working dir), later: {later}.", "",
         markdown_table(rows, floatfmt=".2f"), "",
+        f"Failed submissions (not timed): {failures or 'none'}.", "",
     ])
     (out / "results.md").write_text(md)
     parts = {"CLI returns": report["cli_s"]["median"], "driver logs": report["submit_to_driver_log_s"]["median"],
