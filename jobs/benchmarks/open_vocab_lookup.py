@@ -4,8 +4,8 @@
 50 unit matrix; a query batch is scored by chunked matmuls and ``torch.topk``
 (:func:`polyclip.text.lookup.cosine_topk`). Beside it, the naive reference: one full
 ``(B, 400k)`` score matrix and a full ``argsort`` per row, on the same queries. Batch
-sizes 1 and 256, top-10, median over repeats, one torch thread and the default
-thread count. The queries are word vectors of real words plus noise (what a trained
+sizes 1 and 256, top-10, median over repeats, ``--threads`` torch threads
+(default one: the CPU is shared). The queries are word vectors of real words plus noise (what a trained
 DeViSE map outputs looks like a noisy word vector), and every result is checked
 against the naive ranking.
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--vocab", type=int, default=400_000)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch thread counts to measure")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "jobs.benchmarks.open_vocab_lookup",
                           *(sys.argv[1:] if argv is None else argv)])
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     rows = []
     default_threads = torch.get_num_threads()
-    for threads in sorted({1, default_threads}):
+    for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in (1, 256):
             words = rng.choice(20_000, size=batch, replace=False)
