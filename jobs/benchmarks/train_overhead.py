@@ -29,7 +29,9 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,7 +83,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     data = ray.get(config.pop("data"))
-    ray.train.report(timed_training(data, prepare=ray.train.torch.prepare_model, **config))
+    out = timed_training(data, prepare=ray.train.torch.prepare_model, **config)
+    # Ray Train v2 returns the metrics of the last report *with a checkpoint* in ``Result.metrics``.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "metrics.json").write_text(json.dumps(out))
+        ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def ray_run(data_ref: Any, kwargs: dict[str, Any], threads: int, storage: str, name: str) -> dict[str, float]:
