@@ -69,7 +69,9 @@ def cached_features(
         return hit
     del probe
     workers = max(1, min(num_workers, -(-len(images) // chunk)))
-    actor_cls = ray.remote(num_cpus=1)(_Encoder)
+    # Restartable: an encoder killed mid-chunk (node loss, the memory monitor) is
+    # rebuilt and its chunk retried instead of failing the whole job.
+    actor_cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(_Encoder)
     actors = [actor_cls.remote(spec, image_size, 1) for _ in range(workers)]  # type: ignore[attr-defined]
     pending: dict[Any, int] = {}
     starts = list(range(0, len(images), chunk))
