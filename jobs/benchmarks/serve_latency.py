@@ -142,10 +142,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--requests", type=int, default=192, help="max requests per client level")
     parser.add_argument("--seconds", type=float, default=40.0, help="max seconds per level (each side)")
     parser.add_argument("--batch-max-size", type=int, default=16)
+    parser.add_argument("--in-process-threads", type=int, default=1,
+                        help="torch threads of the in-process reference (each encoder replica uses 1); on a "
+                             "contended machine 2 OpenMP threads stall each other")
     args = parser.parse_args(argv)
     print(f"command: {command_line()}", flush=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.in_process_threads)
     out = out_dir("serve_latency")
     artifact = Path(args.artifact) if args.artifact else fit_small_artifact(out / "artifact", args.image_size)
     ensemble = load_ensemble(artifact)
@@ -191,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "# Ensemble on Ray Serve: loopback HTTP vs in-process\n", f"Command: `{report['command']}`\n",
         f"Backbones {ensemble.backbone_names} at {args.image_size} px; one replica per encoder (1 thread), "
         f"@serve.batch max {args.batch_max_size}; Fashion-MNIST test PNGs; each level at most {args.requests} "
-        f"requests and {args.seconds} s per side. In-process: decode + 3 encoders + combiner, 2 threads, "
-        "batch = client count. 2 CPU cores shared with other agents: load average per row.\n",
+        f"requests and {args.seconds} s per side. In-process: decode + 3 encoders + combiner, "
+        f"{args.in_process_threads} torch thread(s), batch = client count. "
+        "2 CPU cores shared with other agents: load average per row.\n",
         markdown_table(rows)])
     (out / "results.md").write_text(md + "\n")
     line_plot({"serve p50 (ms)": (args.clients, [r["p50_ms"] for r in rows]),
