@@ -26,7 +26,12 @@ def out_dir(name: str) -> Path:
 
 def command_line() -> str:
     """The exact command that is running (for the report)."""
-    return "python -m " + shlex.join([Path(sys.argv[0]).with_suffix("").as_posix().replace("/", "."), *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    try:  # `python -m jobs.benchmarks.x` puts the module's file path in argv[0]
+        module = script.relative_to(Path.cwd()).with_suffix("").as_posix().replace("/", ".")
+    except ValueError:
+        module = script.stem
+    return "python -m " + shlex.join([module, *sys.argv[1:]])
 
 
 def median(values: Sequence[float]) -> float:
