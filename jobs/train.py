@@ -22,18 +22,18 @@ from typing import Any
 
 import numpy as np
 import yaml
-from polyclip.data.datasets import Dataset, load_dataset
-from polyclip.data.splits import Split, make_split
-from polyclip.features.cache import FeatureCache
-from polyclip.io import atomic_write_text
-from polyclip.reports.run_report import summary_row, write_run_report
-from polyclip.reports.tables import markdown_table
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.runtime import init_ray, setup_logging
 from jobs.semantics import label_similarity_for, semantic_metrics
+from polyclip.data.datasets import Dataset, load_dataset
+from polyclip.data.splits import Split, make_split
+from polyclip.features.cache import FeatureCache
+from polyclip.io import atomic_write_text
+from polyclip.reports.run_report import summary_row, write_run_report
+from polyclip.reports.tables import markdown_table
 
 logger = logging.getLogger("polyclip")
 
@@ -135,6 +135,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "num_skipped_files": len(dataset.skipped),
         "seconds": {"prepare": round(t_prepared - t0, 2), "train": round(time.perf_counter() - t_prepared, 2)},
         "ray_storage": str(result.path),
+        "resumed_from_epochs": final["resumes"],  # restarts after a worker died, or a re-run
     }
     recipe = RECIPES[cfg.method.name]
     if recipe.report is not None:  # method-specific entries (e.g. the zero-shot protocol numbers)
