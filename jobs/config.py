@@ -148,6 +148,15 @@ class JobConfig(StrictModel):
         return RECIPES[name].params.model_validate(value)
 
     @model_validator(mode="after")
+    def _method_checks(self) -> JobConfig:
+        from jobs.recipes import RECIPES
+
+        check = RECIPES[self.method.name].check
+        if check is not None:
+            check(self, self.method)
+        return self
+
+    @model_validator(mode="after")
     def _storage_default(self) -> JobConfig:
         if self.run.storage_path is None:
             # Inside the run folder, so deleting a run also deletes its resumable state.

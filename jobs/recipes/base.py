@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from polyclip.data.datasets import Dataset
-from polyclip.data.splits import Split
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from polyclip.data.datasets import Dataset
+from polyclip.data.splits import Split
 
 #: Subsets a recipe can ask for.
 SUBSETS = ("labeled", "unlabeled", "val", "test")
@@ -78,6 +79,8 @@ class Recipe:
         build_task: Worker side: ``(cfg, params, payload) -> task module``.
         streams: ``params -> {prefix: (payload key, batch-size multiplier)}``; the
             default trains on ``"train"`` alone.
+        check: Optional cross-field validation ``(cfg, params) -> None`` raising
+            ``ValueError``; runs when the config is parsed, before Ray starts.
         report: Optional, driver side after training: ``(cfg, params, payload, arrays)
             -> dict`` merged into ``metrics.json``; ``arrays`` holds the final
             ``test_logits``, ``test_labels``, ``val_logits``, ``val_labels``.
@@ -88,6 +91,7 @@ class Recipe:
     build_task: Callable[[Any, Any, dict[str, Any]], nn.Module]
     streams: Callable[[Any], dict[str, tuple[str, int]]] = lambda params: {"": ("train", 1)}
     report: Callable[[Any, Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    check: Callable[[Any, Any], None] | None = None
 
 
 def split_arrays(ctx: PrepareContext, x_of: Callable[[str], np.ndarray],

@@ -103,4 +103,4 @@ def build_task(cfg: Any, params: FinetuneParams, payload: dict[str, Any]) -> Sup
                           head_hidden=params.head_hidden, head_depth=params.head_depth)
 
 
-RECIPE = Recipe(params=FinetuneParams, prepare=prepare, build_task=build_task)
+RECIPE = Recipe(params=FinetuneParams, prepare=prepare, build_task=build_task, check=check_job)

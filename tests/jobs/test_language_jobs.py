@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs import train
-from jobs.config import parse_config
+from jobs.config import ConfigError, parse_config
 from jobs.language_comparison import load_comparison, table_row, write_table
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.recipes import finetune as finetune_recipe
@@ -38,10 +38,10 @@ def _ctx(cfg, class_names=None):
     return PrepareContext(cfg=cfg, dataset=dataset, split=split, features=no_features)
 
 
-def test_ces_without_word_vectors_fails_naming_both_keys():
-    cfg = _cfg()
-    with pytest.raises(ValueError, match=r"method\.loss.*'ces'.*word_vectors"):
-        RECIPES["finetune"].prepare(_ctx(cfg), cfg.method)
+def test_ces_without_word_vectors_fails_at_parse_time_naming_both_keys():
+    data = {"name": "t", "method": {"name": "finetune", "loss": "ces"}}
+    with pytest.raises(ConfigError, match=r"method\.loss.*'ces'.*word_vectors"):
+        parse_config(data)  # before Ray starts, before any data is loaded
 
 
 def test_ces_prepare_ships_the_similarity_matrix_and_build_task_uses_it():
