@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from polyclip.augment.simclr import SimCLRAugment, simclr_augment
-from polyclip.backbones import create_backbone
-from polyclip.methods.simclr import SimCLRTask
 from pydantic import Field
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from polyclip.augment.simclr import SimCLRAugment, simclr_augment
+from polyclip.backbones import create_backbone
+from polyclip.methods.simclr import SimCLRTask
 
 
 class SimCLRParams(MethodParams):
