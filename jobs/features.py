@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from polyclip.backbones import create_backbone
 from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
 from polyclip.progress import Progress, format_seconds
@@ -21,6 +22,9 @@ class _Encoder:
         import torch
 
         torch.set_num_threads(threads)
+        # Every actor must build the same weights: a `random:` spec would otherwise give
+        # each chunk of one feature set its own random network.
+        torch.manual_seed(0)
         self.backbone = create_backbone(spec, image_size=image_size)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -60,7 +64,7 @@ def cached_features(
     import ray
 
     probe = create_backbone(spec, image_size=image_size)
-    key = feature_key(spec, probe.preprocessing.key(), dataset_fingerprint, pool, indices)
+    key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset_fingerprint, pool, indices)
     start = time.perf_counter()
     hit = cache.get(key)
     if hit is not None:
@@ -105,6 +109,27 @@ def cached_features(
     logger.info("cached %s in %s", cache.path(key), format_seconds(elapsed))
     _record(stats, spec, False, time.perf_counter() - start, len(indices))
     return features
+
+
+def weights_stamp(spec: str) -> str:
+    """Size and modification time of the local weights a spec reads, for the cache key.
+
+    ``checkpoint:<dir>`` and ``...@<file>`` specs name a path whose content can change
+    (pretraining again into the same folder); the stamp makes the cache see that.
+    """
+    from pathlib import Path
+
+    kind, _, arg = spec.partition(":")
+    if kind == "checkpoint":
+        from polyclip.backbones.factory import _checkpoint_dir
+
+        path = _checkpoint_dir(arg) / "backbone.pt"
+    elif "@" in arg and kind in {"timm", "open_clip"}:
+        path = Path(arg.partition("@")[2]).expanduser()
+    else:
+        return ""
+    stat = path.stat()
+    return f"#{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def _record(stats: dict[str, Any] | None, spec: str, hit: bool, seconds: float, n: int) -> None:
