@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import command_line, out_dir, pool_features, summary
+from jobs.benchmarks.common import command_line, out_dir, summary
+from jobs.benchmarks.common import pool_features as ray_pool_features
 from jobs.runtime import init_ray, setup_logging
 from polyclip.backbones import create_backbone
-from polyclip.data.datasets import load_dataset
+from polyclip.data.datasets import Dataset, load_dataset
 from polyclip.data.splits import make_split
 from polyclip.ensemble import (
     DEFAULT_THRESHOLDS,
@@ -54,7 +55,7 @@ from polyclip.ensemble import (
     single_key,
     train_combiner,
 )
-from polyclip.features.cache import FeatureCache, feature_key
+from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
 from polyclip.reports.plots import line_plot
 from polyclip.reports.tables import markdown_table
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="class-stratified test subset (default: the full test set)")
     parser.add_argument("--wait-full-test", type=float, default=0.0,
                         help="seconds to wait for a full-test-set cache entry another process is writing")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="encode cache misses in this process (same cache entries) instead of Ray actors; "
+                             "for when a local Ray instance cannot start on an overloaded machine")
     parser.add_argument("--select-seeds", type=int, nargs="+", default=None,
                         help="seeds whose validation runs the option grid (default: every seed); the others "
                              "reuse the choice of the first such seed at the same k")
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"command: {command_line()}", flush=True)
     setup_logging()
     torch.set_num_threads(1)
-    init_ray()
+    if not args.no_ray:
+        init_ray()
     out = out_dir("ensemble_accuracy")
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -157,6 +162,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 seed=2000)
     feats: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}, "test": {}}
     full_test = np.arange(len(dataset.test))
+
+    def pool_features(cache: FeatureCache, dataset: Dataset, spec: str, size: int, pool: str, indices: np.ndarray,
+                      workers: int) -> np.ndarray:
+        if not args.no_ray:
+            return ray_pool_features(cache, dataset, spec, size, pool, indices, workers=workers)
+        backbone = create_backbone(spec, image_size=size)
+        key = feature_key(spec, backbone.preprocessing.key(), dataset.fingerprint, pool, indices)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        source = dataset.test if pool == "test" else dataset.train
+        assert source is not None
+        t0 = time.perf_counter()
+        features = encode_images(backbone, source.images[indices], batch_size=100)
+        cache.put(key, features, describe(spec, size, dataset.spec, pool, len(indices)))
+        print(f"encoded {spec} {pool} ({len(indices)} images) in-process in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        return features
+
     for spec in BACKBONES:
         feats["val"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", val_idx,
                                            workers=args.workers)
