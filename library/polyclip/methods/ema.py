@@ -24,6 +24,9 @@ class ModelEma(nn.Module):
     Args:
         model: The model to track (copied once here).
         decay: EMA decay in [0, 1); FixMatch uses 0.999.
+        warmup: Use ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (as TensorFlow's and
+            timm's EMAs do), so short runs are not evaluated on weights that are mostly the
+            random initialisation: with decay 0.999, 300 steps leave 74% of the initial weights.
 
     Example:
         >>> net = nn.Linear(4, 2)
@@ -33,11 +36,13 @@ class ModelEma(nn.Module):
         torch.Size([1, 2])
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # checkpointed with the average
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.module.eval()
@@ -52,10 +57,13 @@ class ModelEma(nn.Module):
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s current weights (same architecture as the copy)."""
         current = dict(model.state_dict())
+        n = int(self.updates)
+        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        self.updates += 1
         for name, value in self.module.state_dict().items():
             source = current[name].detach()
             if value.dtype.is_floating_point:
-                value.mul_(self.decay).add_(source.to(value.dtype), alpha=1.0 - self.decay)
+                value.mul_(decay).add_(source.to(value.dtype), alpha=1.0 - decay)
             else:
                 value.copy_(source)
 

@@ -78,7 +78,7 @@ class FixMatchTask(nn.Module):
         if thresholds is not None and thresholds.num_classes != num_classes:
             raise ValueError(f"thresholds cover {thresholds.num_classes} classes, the task has {num_classes}")
         self.model = ImageClassifier(backbone, num_classes, head_hidden=head_hidden, head_depth=head_depth)
-        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.ema = ModelEma(self.model, ema_decay, warmup=True) if ema_decay is not None else None
         self.weak = weak if weak is not None else fixmatch_weak()
         self.strong = strong if strong is not None else fixmatch_strong()
         self.threshold, self.lambda_u = threshold, lambda_u

@@ -160,7 +160,7 @@ class PseudoLabelTask(nn.Module):
                  class_names: Sequence[str] | None = None, head_hidden: int = 0, head_depth: int = 1) -> None:
         super().__init__()
         self.model = ImageClassifier(backbone, num_classes, head_hidden=head_hidden, head_depth=head_depth)
-        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.ema = ModelEma(self.model, ema_decay, warmup=True) if ema_decay is not None else None
         self.schedule = schedule or ThresholdSchedule(0.98)
         self.weight = weight
         self.augment = augment

@@ -79,6 +79,20 @@ def test_ema_update_math():
         ModelEma(net, decay=1.0)
 
 
+def test_ema_warmup_follows_the_weights_early_and_is_checkpointed():
+    net = nn.Linear(2, 1, bias=False)
+    ema = ModelEma(net, decay=0.999, warmup=True)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        ema.module.weight.fill_(0.0)
+    ema.update(net)  # first update: decay min(0.999, 1/10) = 0.1
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9))
+    for _ in range(300):
+        ema.update(net)
+    assert float(ema.module.weight.min()) > 0.95  # without warm-up: 1 - 0.999**301 = 0.26
+    assert int(ema.state_dict()["updates"]) == 301
+
+
 def tiny_task(**kwargs):
     torch.manual_seed(0)
     backbone = create_backbone("random:small_cnn@4", in_chans=1)
