@@ -37,14 +37,13 @@ from jobs.config import (
     BackboneConfig,
     ConfigError,
     DataConfig,
-    JobConfig,
     StrictModel,
     apply_overrides,
     format_validation_error,
 )
 from jobs.features import cached_features
 from jobs.runtime import init_ray, setup_logging
-from jobs.train import load_data
+from jobs.train import load_split_data
 from polyclip.backbones import create_backbone
 from polyclip.data.datasets import Dataset
 from polyclip.data.splits import Split
@@ -222,7 +221,7 @@ def run_ensemble(cfg: EnsembleJobConfig) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # load_data reads only `data` and `seed`: the same dataset and split as a train job.
-    dataset, split = load_data(JobConfig.model_construct(name=cfg.name, seed=cfg.seed, data=cfg.data))
+    dataset, split = load_split_data(cfg.data, cfg.seed)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
     split.save(run_dir / "split.json")
     logger.info("%s: %d classes, %d labeled, %d val, %d test images; %d backbones", dataset.spec,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jobs.config import ConfigError, JobConfig, load_config
+from jobs.config import ConfigError, DataConfig, JobConfig, load_config
 from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.runtime import init_ray, setup_logging
@@ -52,11 +52,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_data(cfg: JobConfig) -> tuple[Dataset, Split]:
     """The dataset and the seeded split of a job."""
-    data = cfg.data
+    return load_split_data(cfg.data, cfg.seed)
+
+
+def load_split_data(data: DataConfig, seed: int) -> tuple[Dataset, Split]:
+    """The dataset and the seeded split described by a ``data:`` section."""
     dataset = load_dataset(data.dataset, root=data.root, image_size=data.image_size, strict=data.strict,
-                           synthetic_size=data.synthetic_size, seed=cfg.seed)
+                           synthetic_size=data.synthetic_size, seed=seed)
     split = make_split(
-        dataset.train.labels, dataset.class_names, labels_per_class=data.labels_per_class, seed=cfg.seed,
+        dataset.train.labels, dataset.class_names, labels_per_class=data.labels_per_class, seed=seed,
         val_per_class=data.val_per_class, unlabeled=data.unlabeled,
         test_labels=dataset.test.labels if dataset.test is not None else None, test_limit=data.test_limit,
     )
