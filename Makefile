@@ -35,7 +35,7 @@ data: install
 	fi
 
 test: data
-	$(PY) -m pytest -q --timeout 600 -p no:randomly
+	$(PY) -m pytest -q --timeout 300 -p no:randomly --durations=10
 
 test-slow: data
 	$(PY) -m pytest -q --timeout 1800 -m slow

@@ -17,17 +17,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster (2 CPUs) shared by every test that needs one; stopped at the end."""
+def _start_ray():
     import ray
 
     from jobs.runtime import project_runtime_env
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, runtime_env=project_runtime_env(), logging_level="WARNING",
-                 include_dashboard=False)
-    yield ray
+    ray.init(num_cpus=2, runtime_env=project_runtime_env(), logging_level="WARNING", include_dashboard=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_cluster(_ray_session):
+    """A local Ray cluster (2 CPUs) shared by every test that needs one; stopped at the end."""
+    import ray
+
+    return ray if ray.is_initialized() else _start_ray()
+
+
+@pytest.fixture(scope="module")
+def fresh_ray_cluster(_ray_session):
+    """A Ray cluster of the module's own, for Serve.
+
+    On Ray 2.60 a driver that has run several Train jobs in one session can stop hearing
+    about new actors (``serve.start`` then waits forever for its controller), so the Serve
+    tests start from a fresh local cluster, and shut it down after them (the next
+    ``ray_cluster`` user starts another).
+    """
+    import ray
+
+    ray.shutdown()
+    yield _start_ray()
     ray.shutdown()
 
 

@@ -66,7 +66,7 @@ def fitted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, fitted):
+def server(fresh_ray_cluster, fitted):
     import httpx
     from ray import serve
 
