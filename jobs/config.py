@@ -98,7 +98,8 @@ class RunSection(StrictModel):
     """Where results go and how failures are handled."""
 
     output_dir: str = "runs"
-    storage_path: str | None = Field(None, description="Ray storage (local dir, NFS or s3://...); default <output_dir>/<name>/ray")
+    storage_path: str | None = Field(
+        None, description="Ray storage (local dir, NFS or s3://...); default <output_dir>/<name>/ray")
     cache_dir: str = ".cache/features"
     max_failures: int = Field(2, ge=-1)
     num_checkpoints: int = Field(2, gt=0)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "probe_acc_mean": s["mean"], "probe_acc_std": s["std"], "sklearn_lr_acc_mean": r["mean"],
                          "seeds": len(args.seeds), "per_seed": [round(v, 4) for v in s["values"]]})
         curves[spec] = (SHOTS, [float(np.mean(accs[k])) for k in SHOTS])
-    report = {"command": command_line(), "test_images": int(len(test_idx)), "rows": rows, "throughput": throughput}
+    report = {"command": command_line(), "test_images": len(test_idx), "rows": rows, "throughput": throughput}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     md = (f"Command: `{report['command']}`\n\nTest set: {len(test_idx)} images (full Fashion-MNIST test set). "
           f"Seeds: {args.seeds}.\n\n" + markdown_table(rows) + "\n### Feature cache\n\n" + markdown_table(throughput))

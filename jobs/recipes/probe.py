@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from polyclip.methods.probe import ProbeTask
 from pydantic import Field
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from polyclip.methods.probe import ProbeTask
 
 
 class ProbeParams(MethodParams):

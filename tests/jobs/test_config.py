@@ -56,7 +56,7 @@ def test_dotted_overrides_parse_like_yaml(tmp_path):
     cfg = load_config(path, ["train.lr=0.05", "scaling.num_workers=3", "data.test_limit=null", "method.depth=2"])
     assert cfg.train.lr == 0.05 and cfg.scaling.num_workers == 3 and cfg.data.test_limit is None
     assert cfg.method.depth == 2
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         apply_overrides({}, ["novalue"])
 
 

@@ -47,5 +47,5 @@ def test_bad_config_fails_before_ray_starts(monkeypatch):
         raise AssertionError("Ray was started for an invalid config")
 
     monkeypatch.setattr(train, "init_ray", no_ray)
-    with pytest.raises(SystemExit, match="unknown key 'train.lrr'"):
+    with pytest.raises(SystemExit, match=r"unknown key 'train\.lrr'"):
         train.main(["--config", CONFIG, "train.lrr=1"])

@@ -42,6 +42,7 @@ class ModelEma(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
+        self.updates: torch.Tensor
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # checkpointed with the average
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
@@ -57,9 +58,9 @@ class ModelEma(nn.Module):
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s current weights (same architecture as the copy)."""
         current = dict(model.state_dict())
-        n = int(self.updates)
+        n = int(self.updates.item())
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        self.updates += 1
+        self.updates.add_(1)
         for name, value in self.module.state_dict().items():
             source = current[name].detach()
             if value.dtype.is_floating_point:

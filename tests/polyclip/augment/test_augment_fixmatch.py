@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from polyclip.augment import Cutout, RandAugment, RandomReflectTranslate, fixmatch_strong, fixmatch_weak
 
 INVERT = [("invert", 0, 1)]

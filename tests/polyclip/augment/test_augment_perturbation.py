@@ -7,6 +7,7 @@ import math
 import kornia
 import pytest
 import torch
+
 from polyclip.augment import ColorJitter, RandomGaussianBlur, SaltPepperNoise, perturbation_pipeline
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from polyclip.augment import RandomGaussianBlur, SimCLRAugment, blur_kernel_size, simclr_augment, simclr_views
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from polyclip.backbones import BackboneError, create_backbone, save_backbone
 
 # ImageNet-1k indices 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from polyclip.ensemble import BackboneInfo, EnsembleArtifactError, fit_ensemble, load_ensemble, save_ensemble
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from polyclip.ensemble import TemperatureCombiner, train_combiner
 
 

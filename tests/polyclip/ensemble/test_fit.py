@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from polyclip.ensemble import (
     BackboneInfo,
     CascadePoint,

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from polyclip.ensemble import LinearHead, fit_linear_probe, zero_shot_head
 from sklearn.linear_model import LogisticRegression
+
+from polyclip.ensemble import LinearHead, fit_linear_probe, zero_shot_head
 
 
 def test_probe_matches_sklearn_logistic_regression(rng):

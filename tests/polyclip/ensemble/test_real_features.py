@@ -8,6 +8,7 @@ shared 2-core machine ran at load 25-45.
 import time
 
 import pytest
+
 from polyclip.backbones import create_backbone
 from polyclip.data.splits import make_split
 from polyclip.ensemble import BackboneInfo, fit_ensemble, single_key

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from polyclip.losses import CosineEmbeddingLoss, HingeRankLoss
 
 

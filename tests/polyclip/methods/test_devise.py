@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from polyclip.backbones import create_backbone
 from polyclip.methods.devise import DeViSETask
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from polyclip.methods.moe import (
     MixtureOfExpertsTask,
     confusion_affinity,

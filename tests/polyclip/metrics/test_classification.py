@@ -1,4 +1,5 @@
 import numpy as np
+
 from polyclip.metrics.classification import classification_metrics, topk_accuracy
 from polyclip.reports.run_report import write_run_report
 

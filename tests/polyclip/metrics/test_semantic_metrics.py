@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from polyclip.metrics.ranking import hit_at_k, hit_at_k_from_scores
 from polyclip.metrics.semantic import (
     random_pair_similarity,

@@ -4,6 +4,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+
 from polyclip.backbones import create_backbone
 from polyclip.text.clip_zeroshot import (
     IMAGENET_TEMPLATES,

@@ -4,6 +4,7 @@ import types
 import numpy as np
 import pytest
 import torch
+
 from polyclip.text.label_vectors import (
     MissingLabelVectorsError,
     label_alternatives,

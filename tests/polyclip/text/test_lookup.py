@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from polyclip.text.lookup import CosineLookup, cosine_topk
 from polyclip.text.word_vectors import load_word_vectors
 

@@ -2,6 +2,7 @@ import gzip
 
 import numpy as np
 import pytest
+
 from polyclip.text.word_vectors import WordVectorsError, keyed_vectors, load_word_vectors
 
 
