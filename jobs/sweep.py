@@ -269,8 +269,13 @@ def collect_records(results: Any, space_keys: list[str]) -> list[TrialRecord]:
             error=str(result.error).splitlines()[0] if result.error else None,
             history=history,
         ))
-    order = {t.trial_id: i for i, t in enumerate(results._experiment_analysis.trials)}
-    return sorted(records, key=lambda r: order.get(r.trial_id, len(order)))
+    # Creation order (the experiment tag starts with the trial's number), which a restore keeps.
+    def number(trial_id: str) -> tuple[int, str]:
+        tag = str(getattr(trials.get(trial_id), "experiment_tag", "") or "")
+        head = tag.split("_", 1)[0]
+        return (int(head) if head.isdigit() else len(trials) + 1, trial_id)
+
+    return sorted(records, key=lambda r: number(r.trial_id))
 
 
 def _check_same_sweep(sweep: SweepConfig, stored: Path) -> None:
