@@ -145,6 +145,7 @@ def table_png(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: s
     table = ax.table(cellText=cells, colLabels=[header for _, header in COLUMNS], loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(10)
+    table.auto_set_column_width(col=list(range(len(COLUMNS))))  # long headers and strategy names fit
     table.scale(1.0, 1.5)
     for (r, c), cell in table.get_celld().items():
         cell.set_edgecolor("#444444")
