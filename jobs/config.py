@@ -253,11 +253,11 @@ def parse_config(data: dict[str, Any]) -> JobConfig:
         raise ConfigError(format_validation_error(exc, data)) from None
 
 
-def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML config, apply dotted overrides, validate.
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's top-level mapping.
 
     Raises:
-        ConfigError: Missing file, bad YAML, or invalid keys/values.
+        ConfigError: Missing file, bad YAML, or a top level that is not a mapping.
     """
     file = Path(path)
     if not file.is_file():
@@ -268,4 +268,13 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: top level must be a mapping")
-    return parse_config(apply_overrides(data, overrides or []))
+    return data
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML config, apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: Missing file, bad YAML, or invalid keys/values.
+    """
+    return parse_config(apply_overrides(read_yaml_mapping(path), overrides or []))

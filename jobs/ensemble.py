@@ -40,6 +40,7 @@ from jobs.config import (
     StrictModel,
     apply_overrides,
     format_validation_error,
+    read_yaml_mapping,
 )
 from jobs.features import cached_features
 from jobs.runtime import init_ray, setup_logging
@@ -173,16 +174,7 @@ def load_ensemble_config(path: str | Path, overrides: list[str] | None = None) -
     Raises:
         ConfigError: Missing file, bad YAML, or invalid keys/values.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: top level must be a mapping")
-    return parse_ensemble_config(apply_overrides(data, overrides or []))
+    return parse_ensemble_config(apply_overrides(read_yaml_mapping(path), overrides or []))
 
 
 def _features(cfg: EnsembleJobConfig, cache: FeatureCache, dataset: Dataset, split: Split, member: MemberConfig,
