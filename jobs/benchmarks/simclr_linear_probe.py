@@ -22,6 +22,7 @@ and the encoder under ``encoder/`` (``create_backbone("checkpoint:<that dir>")``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import statistics
@@ -37,7 +38,7 @@ from jobs.config import load_config
 from jobs.recipes import RECIPES
 from jobs.runtime import setup_logging
 from jobs.train import load_data, prepare_payload
-from polyclip.backbones import Backbone, arch_spec, create_backbone, save_backbone
+from polyclip.backbones import Backbone, arch_spec, create_backbone, load_backbone, save_backbone
 from polyclip.data.splits import make_split
 from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch, zip_streams
 from polyclip.features.cache import encode_images
@@ -67,8 +68,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=f"runs/benchmarks/{NAME}")
+    parser.add_argument("--encoder", default=None,
+                        help="reuse an encoder this benchmark saved (<out>/encoder; its budget is read from "
+                             "<out>/results.json) instead of pretraining again")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the pretraining config")
     return parser.parse_args(argv)
+
+
+def reuse_encoder(folder: Path) -> tuple[Backbone, dict[str, Any]]:
+    """An encoder saved by an earlier run, with that run's pretraining budget."""
+    previous = folder.parent / "results.json"
+    if not (folder / "backbone.pt").is_file() or not previous.is_file():
+        raise SystemExit(f"error: --encoder {folder}: expected <out>/encoder/backbone.pt and <out>/results.json "
+                         "from an earlier run of this benchmark")
+    budget = json.loads(previous.read_text())["budget"]
+    return load_backbone(str(folder)).eval(), {**budget, "reused_from": str(folder)}
 
 
 def pretrain(cfg: Any, out: Path) -> tuple[Backbone, dict[str, Any]]:
@@ -140,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args.config, [*args.overrides, f"data.unlabeled={args.pool}", f"train.epochs={args.epochs}",
                                     f"run.output_dir={out / 'runs'}"])
 
-    encoder, budget = pretrain(cfg, out)
+    if args.encoder is None:
+        encoder, budget = pretrain(cfg, out)
+    else:
+        encoder, budget = reuse_encoder(Path(args.encoder))
     dataset, _ = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the random-init baseline starts where SimCLR started
     backbones = {
