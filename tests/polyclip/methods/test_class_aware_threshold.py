@@ -1,7 +1,7 @@
 """Class-aware adaptive thresholds: the update rule by hand, and identical thresholds under DDP."""
 
-import os
-import socket
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,28 +63,26 @@ def test_bad_arguments_are_named(kwargs, match):
         ClassAwareThreshold(2, **kwargs)
 
 
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, folder: str) -> None:
+    # A file rendezvous: no port to race for.
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
         th = ClassAwareThreshold(3, init=0.9, eps=0.01)
         # Each rank sees different pseudo-labels; the update must use the global counts.
         labels = torch.tensor([0, 0, 0, 1]) if rank == 0 else torch.tensor([2, 2, 1, 1])
         for _ in range(5):
             th.update(labels, torch.ones(4, dtype=torch.bool))
-        out[rank] = (th.tau.tolist(), th.p.tolist())
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps([th.tau.tolist(), th.p.tolist()]))
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduce_gives_identical_thresholds_on_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    (tau0, p0), (tau1, p1) = out[0], out[1]
+def test_all_reduce_gives_identical_thresholds_on_two_processes(tmp_path):
+    # Spawned, not forked (this process may hold a Ray driver, which must not be forked), and
+    # results come back through files rather than a Manager (whose server process is forked).
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    out = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    (tau0, p0), (tau1, p1) = out
     assert tau0 == tau1 and p0 == p1
     # The global counts are [3, 3, 2] of 8, not either rank's own.
     reference = ClassAwareThreshold(3, init=0.9, eps=0.01)
