@@ -64,6 +64,15 @@ class ComparisonRuns(BaseModel):
     finetune: str = Field(description="the fine-tuning job config (its backbone.spec is replaced)")
 
 
+class CellOverrides(BaseModel):
+    """Dotted overrides for the cells of one mode (and label budget), e.g. fewer fine-tuning epochs with all labels."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["finetune", "probe"]
+    labels_per_class: int | None = Field(None, description="only at this budget (-1 = all labels); default: every")
+    overrides: list[str] = Field(min_length=1)
+
+
 class ComparisonConfig(BaseModel):
     """The comparison grid (paths are relative to the comparison file)."""
 
@@ -76,6 +85,8 @@ class ComparisonConfig(BaseModel):
     backbones: list[BackboneEntry] = Field(min_length=1)
     modes: list[Literal["finetune", "probe"]] = Field(default=["finetune", "probe"], min_length=1)
     overrides: list[str] = Field(default_factory=list)
+    cell_overrides: list[CellOverrides] = Field(default_factory=list,
+                                                description="overrides of some cells, applied after `overrides`")
 
     @field_validator("labels_per_class")
     @classmethod
@@ -119,7 +130,8 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> tup
                           f"got {pretrain.method.name!r}")
     for mode in comparison.modes:  # fail now, not after an hour of pretraining
         for entry in comparison.backbones:
-            job_overrides(comparison, entry, mode, comparison.labels_per_class[0], "checkpoint:/placeholder")
+            for k in comparison.labels_per_class:
+                job_overrides(comparison, entry, mode, k, "checkpoint:/placeholder")
     return comparison, pretrain
 
 
@@ -127,8 +139,10 @@ def job_overrides(comparison: ComparisonConfig, entry: BackboneEntry, mode: str,
     """The job config of one cell of the grid."""
     slug = "".join(c if c.isalnum() else "-" for c in entry.label.lower()).strip("-")
     labels = "all" if k < 0 else f"k{k}"
+    cell = [o for c in comparison.cell_overrides if c.mode == mode and c.labels_per_class in (None, k)
+            for o in c.overrides]
     return load_config(getattr(comparison.runs, mode), [
-        *comparison.overrides, f"name={slug}-{mode}-{labels}", f"run.output_dir={comparison.folder}",
+        *comparison.overrides, *cell, f"name={slug}-{mode}-{labels}", f"run.output_dir={comparison.folder}",
         f"backbone.spec={spec}", f"data.labels_per_class={k}", *entry.overrides,
     ])
 

@@ -34,6 +34,8 @@ import copy
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import sys
 import time
@@ -153,9 +155,18 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def build_search_alg(sweep: SweepConfig) -> Any:
-    """Optuna's TPE sampler (seeded), multi-objective when the sweep has several metrics."""
+    """Optuna's TPE sampler (seeded), multi-objective when the sweep has several metrics.
+
+    Under PBT the population is drawn at random (seeded) instead: PBT itself moves the
+    trials' values, which a model-based sampler would read as results of values never run.
+    """
     import optuna
+    from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
+
+    if sweep.scheduler.kind == "pbt":
+        return BasicVariantGenerator(points_to_evaluate=[dict(p) for p in sweep.points_to_evaluate] or None,
+                                     random_state=sweep.seed)
 
     objectives = sweep.objectives
     kwargs: dict[str, Any] = {"metric": objectives[0][0], "mode": objectives[0][1]}
@@ -178,13 +189,33 @@ def build_scheduler(sweep: SweepConfig, max_epochs: int) -> Any:
                              grace_period=sched.grace_period, reduction_factor=sched.reduction_factor,
                              brackets=sched.brackets)
     if sched.kind == "pbt":
+        # A choice moves to a neighbouring value (a list); a range is resampled or scaled by 0.8/1.2,
+        # then clipped back into the space (ClipToSpace) so every mutated value is one the job accepts.
+        space = search_space(sweep)
+        mutations = {key: list(spec.values or []) if spec.type == "choice" else space[key]
+                     for key, spec in sweep.space.items()}
         return PopulationBasedTraining(time_attr=TIME_ATTR, metric=metric, mode=mode,
                                        perturbation_interval=sched.perturbation_interval,
-                                       hyperparam_mutations=search_space(sweep),
+                                       hyperparam_mutations=mutations,
                                        quantile_fraction=sched.quantile_fraction,
                                        resample_probability=sched.resample_probability,
-                                       synch=False)
+                                       custom_explore_fn=ClipToSpace(sweep), synch=False)
     return FIFOScheduler()
+
+
+class ClipToSpace:
+    """PBT's explore step scales ranges by 0.8 or 1.2; this puts values back inside ``[low, high]``."""
+
+    def __init__(self, sweep: SweepConfig) -> None:
+        self.ranges = {key: (spec.type, spec.low, spec.high) for key, spec in sweep.space.items()
+                       if spec.type != "choice"}
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, (kind, low, high) in self.ranges.items():
+            if key in config:
+                value = min(max(config[key], low), high)
+                config[key] = round(value) if kind == "int" else float(value)
+        return config
 
 
 def trial_driver_resources(sweep: SweepConfig) -> dict[str, float]:
@@ -226,6 +257,58 @@ def run_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, 
         dataset, split = load_data(cfg)
         ref = ray.put(prepare_payload(cfg, dataset, split, {}))
     build_trainer(cfg, ref, callbacks=[TuneReportCallback()]).fit()
+
+
+def _epochs_done(checkpoint: Any) -> int:
+    """Epochs a Train checkpoint holds (its history has one entry per epoch)."""
+    from jobs.trainer import HISTORY_FILE
+
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return len(json.loads((Path(folder) / HISTORY_FILE).read_text()))
+
+
+def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, Any], sweep_name: str,
+                  train_storage: str, interval: int) -> None:
+    """Tune function for PBT: the job in segments of ``interval`` epochs, each a ``TorchTrainer`` run.
+
+    After each segment the trial reports the segment's last metrics together with its Train
+    checkpoint, which Tune keeps. When PBT exploits, Tune restarts the trial with another
+    trial's checkpoint (``tune.get_checkpoint()``) and mutated values: the next segment loads
+    those weights and keeps its optimizer state and schedule position, with the new values
+    (see :func:`jobs.trainer.load_training_state`). Each segment is a Train run named after
+    the trial, its start epoch and what it starts from, so a restored sweep resumes a
+    half-done segment from its own last epoch.
+    """
+    import hashlib
+
+    import ray
+    from ray import tune
+
+    from jobs.train import load_data, prepare_payload
+    from jobs.trainer import build_trainer
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_job(job, config, f"{sweep_name}-{trial_id}", train_storage)
+    ref = shared.get("payload")
+    if ref is None:
+        dataset, split = load_data(cfg)
+        ref = ray.put(prepare_payload(cfg, dataset, split, {}))
+    checkpoint = tune.get_checkpoint()
+    start = _epochs_done(checkpoint)
+    while start < cfg.train.epochs:
+        stop = min(start + interval, cfg.train.epochs)
+        origin = json.dumps([sorted(config.items()), getattr(checkpoint, "path", None)], default=str)
+        digest = hashlib.sha1(origin.encode()).hexdigest()[:8]
+        segment = trial_job(job, config, f"{sweep_name}-{trial_id}-e{start:03d}-{digest}", train_storage)
+        result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop).fit()
+        checkpoint = result.checkpoint
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        metrics["checkpoint_path"] = checkpoint.path
+        tune.report(metrics, checkpoint=checkpoint)
+        start = stop
 
 
 def _absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
@@ -272,8 +355,8 @@ def collect_records(results: Any, space_keys: list[str]) -> list[TrialRecord]:
     # Creation order (the experiment tag starts with the trial's number), which a restore keeps.
     def number(trial_id: str) -> tuple[int, str]:
         tag = str(getattr(trials.get(trial_id), "experiment_tag", "") or "")
-        head = tag.split("_", 1)[0]
-        return (int(head) if head.isdigit() else len(trials) + 1, trial_id)
+        head = re.match(r"\d+", tag)  # "3_train.lr=0.1", or "3@perturbed[...]" under PBT
+        return (int(head.group()) if head else len(trials) + 1, trial_id)
 
     return sorted(records, key=lambda r: number(r.trial_id))
 
@@ -326,11 +409,13 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
                     ", ".join(f"{k}: {len(v['y'])}" for k, v in payload.items() if isinstance(v, dict) and "y" in v))
     del payload
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job_abs, shared=shared, sweep_name=sweep.name,
-                             train_storage=f"{storage}/train"),
-        trial_driver_resources(sweep),
-    )
+    common = {"job": job_abs, "shared": shared, "sweep_name": sweep.name, "train_storage": f"{storage}/train"}
+    if sweep.scheduler.kind == "pbt":
+        random.seed(sweep.seed)  # PBT draws whom to clone and how to perturb from Python's `random`
+        function = tune.with_parameters(run_pbt_trial, interval=sweep.scheduler.perturbation_interval, **common)
+    else:
+        function = tune.with_parameters(run_trial, **common)
+    trainable = tune.with_resources(function, trial_driver_resources(sweep))
     restored = tune.Tuner.can_restore(experiment)
     if restored:
         logger.info("resuming sweep %r from %s", sweep.name, experiment)
@@ -350,15 +435,29 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
         )
     results = tuner.fit()
     records = collect_records(results, list(sweep.space))
-    outputs = write_outputs(sweep, job, records, sweep_dir)
+    outputs = write_outputs(sweep, job, records, sweep_dir, experiment)
     outputs.update({"dir": str(sweep_dir.resolve()), "storage": experiment, "restored": restored,
                     "shared_payload": not touched, "seconds": round(time.perf_counter() - t0, 2)})
     atomic_write_text(sweep_dir / "result.json", json.dumps(outputs, indent=2, default=str))
     return outputs
 
 
+def pbt_perturbations(experiment: str) -> list[dict[str, Any]]:
+    """PBT's exploit/explore log (``pbt_global.txt``): who cloned whom, at which epoch, with which values."""
+    path = Path(experiment) / "pbt_global.txt"
+    if "://" in experiment or not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        # [trial tag, cloned trial tag, trial's report count, clone's report count, clone's config, new config]
+        trial, cloned, at, _, old, values = json.loads(line)
+        events.append({"trial_no": trial, "cloned_no": cloned, "at_report": at,
+                       "cloned_values": dict(sorted(old.items())), "values": dict(sorted(values.items()))})
+    return events
+
+
 def write_outputs(sweep: SweepConfig, job: dict[str, Any], records: list[TrialRecord],
-                  sweep_dir: Path) -> dict[str, Any]:
+                  sweep_dir: Path, experiment: str | None = None) -> dict[str, Any]:
     """``trials.csv``, ``best_config.yaml``, the two plots and ``summary.md``."""
     objectives = sweep.objectives
     rows = trial_rows(records, objectives)
@@ -379,10 +478,19 @@ def write_outputs(sweep: SweepConfig, job: dict[str, Any], records: list[TrialRe
                f"Best trial {best.trial_id}: " + ", ".join(f"`{k}={v!r}`" for k, v in best.params.items()), "",
                markdown_table(rows, columns=columns), "",
                f"![metric per trial]({METRIC_PLOT})", f"![parameter effects]({EFFECTS_PLOT})", ""]
+    perturbations = pbt_perturbations(experiment) if experiment and sweep.scheduler.kind == "pbt" else []
+    if sweep.scheduler.kind == "pbt":
+        summary += ["## PBT", "", "Under PBT a trial's values change during training: `best_config.yaml` holds the "
+                    "best trial's last values. Exploit/explore steps (trial `trial_no` took the weights of trial "
+                    "`cloned_no` and its values, perturbed):", "",
+                    markdown_table([{"trial_no": e["trial_no"], "cloned_no": e["cloned_no"],
+                                     "at_report": e["at_report"], **e["values"],
+                                     **{f"{k} (was)": v for k, v in e["cloned_values"].items()}}
+                                    for e in perturbations]) if perturbations else "none happened", ""]
     atomic_write_text(sweep_dir / SUMMARY, "\n".join(summary))
     return {"best": {"trial_id": best.trial_id, "params": best.params, "metrics": {
         m: best.metrics.get(m) for m, _ in objectives}, "epochs": best.epochs, "test_top1": best.test_top1,
-        "config": str(sweep_dir / BEST_YAML)}, "trials": rows}
+        "config": str(sweep_dir / BEST_YAML)}, "trials": rows, "perturbations": perturbations}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -36,6 +36,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: Keys a sweep may not search over: they name the run and where it is stored.
 FIXED_KEYS = ("name", "run")
+#: Keys PBT may not mutate: a trial's schedule is built from them once (the architecture
+#: keys of a method are caught when the cloned weights do not fit, naming the mismatch).
+PBT_FIXED_KEYS = ("train.epochs", "train.steps_per_epoch", "train.warmup_epochs", "train.scheduler", "method.name",
+                  "seed")
 #: Value types Optuna's categorical distribution stores.
 SCALAR_TYPES = (type(None), bool, int, float, str)
 
@@ -112,7 +116,8 @@ class PbtScheduler(_Strict):
     """Population Based Training (Jaderberg et al. 2017): copy the best, perturb the params."""
 
     kind: Literal["pbt"] = "pbt"
-    perturbation_interval: int = Field(1, ge=1, description="epochs between exploit/explore steps")
+    perturbation_interval: int = Field(1, ge=1, description="epochs between exploit/explore steps (each trial "
+                                       "runs in segments of this many epochs, checkpointed to Tune in between)")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
 
@@ -172,10 +177,13 @@ class SweepConfig(_Strict):
         if self.metrics is not None and (self.modes is None or len(self.modes) != len(self.metrics)):
             raise ValueError(f"metrics {self.metrics!r} need one mode each (got modes={self.modes!r})")
         if self.scheduler.kind == "pbt":
-            # PBT clones a strong trial's Tune checkpoint into a weak one; TuneReportCallback forwards
-            # only metrics (and the Train checkpoint's path), so there is nothing to clone yet.
-            raise ValueError("scheduler pbt is not supported yet: trials report no Tune checkpoints to clone "
-                             "(needs an init-checkpoint hook in jobs/trainer.py); use asha or none")
+            if self.metrics is not None:
+                raise ValueError(f"scheduler pbt ranks trials on one metric; got metrics {self.metrics!r} "
+                                 "(use metric+mode, or scheduler asha for several objectives)")
+            fixed = sorted(k for k in self.space if k in PBT_FIXED_KEYS)
+            if fixed:
+                raise ValueError(f"scheduler pbt cannot mutate {fixed} mid-training (they set the length and shape "
+                                 "of the schedule); fix them with `overrides`, or use asha")
         return self
 
     @property
@@ -345,4 +353,9 @@ def load_sweep(path: str | os.PathLike[str], overrides: list[str] | None = None
     sweep = parse_sweep(data)
     base = base_job_data(sweep, resolve_base_path(sweep.base, file))
     validate_space(sweep, base)
+    if sweep.scheduler.kind == "pbt":
+        epochs = parse_config(base).train.epochs
+        if sweep.scheduler.perturbation_interval >= epochs:
+            raise SweepConfigError(f"scheduler.perturbation_interval={sweep.scheduler.perturbation_interval} must "
+                                   f"be below the job's train.epochs={epochs}, or PBT never perturbs")
     return sweep, base

@@ -77,22 +77,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                if cfg.train.scheduler == "plateau" else None)
 
     start_epoch, history, resumes = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restart), else one handed in (a PBT clone, the previous segment).
+    checkpoint = ray.train.get_checkpoint() or config.get("init_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
-        inner.load_state_dict(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if plateau is not None and state.get("plateau"):
-            plateau.load_state_dict(state["plateau"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        resumes = [*state.get("resumes", []), start_epoch]
+        start_epoch, history, resumes = load_training_state(state, cfg, inner, optimizer, scheduler, plateau)
         logger.info("rank %d resumed from checkpoint at epoch %d", rank, start_epoch)
 
+    end_epoch = min(cfg.train.epochs, int(config.get("stop_after_epoch") or cfg.train.epochs))
     val, test = payload["val"], payload["test"]
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, end_epoch):
         for loader in loaders.values():
             loader.set_epoch(epoch * 10_000)
         progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs} (rank {rank})", steps, unit="step",
@@ -108,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch + 1, **logs, "epoch_seconds": seconds,
                                    "train_images_per_s": seen / max(seconds, 1e-9)}
         last = epoch + 1 == cfg.train.epochs
-        if rank == 0 and (last or (epoch + 1) % cfg.train.eval_every == 0):
+        if rank == 0 and (last or epoch + 1 == end_epoch or (epoch + 1) % cfg.train.eval_every == 0):
             inner.eval()
             val_logits = evaluate(inner.predict, val["x"], device=device, batch_size=cfg.train.eval_batch_size)
             metrics["val_loss"] = cross_entropy_np(val_logits, val["y"])
@@ -126,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = {"task": inner.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler else None,
                          "plateau": plateau.state_dict() if plateau else None,
-                         "epoch": epoch + 1, "history": history, "resumes": resumes}
+                         "epoch": epoch + 1, "history": history, "resumes": resumes, "train": cfg.dump()["train"]}
                 atomic_write_with(Path(tmp) / STATE_FILE, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
                 atomic_write_json(Path(tmp) / HISTORY_FILE, history)
                 atomic_write_json(Path(tmp) / RESUMES_FILE, resumes)
@@ -134,6 +129,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _write_final(inner, Path(tmp), val, test, payload, device, cfg)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+
+
+def load_training_state(state: dict[str, Any], cfg: JobConfig, task: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler: Any, plateau: Any) -> tuple[int, list, list]:
+    """Load a checkpoint's state into a freshly built task, optimizer and schedules.
+
+    If the checkpoint was written under other ``train`` settings (PBT hands a trial another
+    trial's weights together with new hyperparameters), the optimizer keeps its state
+    (momentum buffers) and the schedule keeps its position, but learning rate, weight decay
+    and momentum are this config's.
+
+    Returns:
+        ``(epochs done, history, resumes)``; ``resumes`` gains the epoch resumed from.
+
+    Raises:
+        RuntimeError: The checkpoint's weights do not fit this model (a searched key that
+            changes the architecture cannot be mutated mid-training).
+    """
+    try:
+        task.load_state_dict(state["task"])
+    except RuntimeError as exc:
+        raise RuntimeError(f"the checkpoint's weights do not fit this job's model (did a mutated key change "
+                           f"the architecture?): {str(exc).splitlines()[0]}") from exc
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    if plateau is not None and state.get("plateau"):
+        plateau.load_state_dict(state["plateau"])
+    if state.get("train", cfg.dump()["train"]) != cfg.dump()["train"]:
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)
+        if scheduler is not None:
+            scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+    epoch = int(state["epoch"])
+    return epoch, list(state["history"]), [*state.get("resumes", []), epoch]
 
 
 def _write_final(task: torch.nn.Module, folder: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
@@ -165,8 +198,16 @@ def use_gpu(cfg: JobConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
-def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None = None) -> Any:
-    """A ``TorchTrainer`` for this job (not started)."""
+def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None = None, *,
+                  init_checkpoint: Any = None, stop_after_epoch: int | None = None) -> Any:
+    """A ``TorchTrainer`` for this job (not started).
+
+    Args:
+        init_checkpoint: A ``ray.train.Checkpoint`` to start from when the run has none of
+            its own (its ``train`` settings may differ: see :func:`load_training_state`).
+        stop_after_epoch: End the run after this epoch (a PBT segment); the schedule is
+            still the one of ``train.epochs``.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -181,7 +222,9 @@ def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None 
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_checkpoints),
         callbacks=callbacks or None,
     )
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.dump(), "payload": payload_ref},
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.dump(), "payload": payload_ref,
+                                                                 "init_checkpoint": init_checkpoint,
+                                                                 "stop_after_epoch": stop_after_epoch},
                         scaling_config=scaling, run_config=run_config)
 
 

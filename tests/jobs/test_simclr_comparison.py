@@ -49,6 +49,20 @@ def test_bad_comparison_keys_and_values_are_named(tmp_path):
         load_comparison(tmp_path / "missing.yaml")
 
 
+def test_cell_overrides_apply_to_their_cells_only(tmp_path):
+    cells = [{"mode": "finetune", "labels_per_class": -1, "overrides": ["train.epochs=2"]},
+             {"mode": "probe", "overrides": ["train.lr=0.05"]}]
+    path = _write(tmp_path, cell_overrides=cells)
+    comparison, _ = load_comparison(path)
+    entry = comparison.backbones[0]
+    assert job_overrides(comparison, entry, "finetune", -1, "checkpoint:/x").train.epochs == 2
+    assert job_overrides(comparison, entry, "finetune", 10, "checkpoint:/x").train.epochs == 30
+    assert {job_overrides(comparison, entry, "probe", k, "checkpoint:/x").train.lr for k in (10, -1)} == {0.05}
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_comparison(_write(tmp_path, cell_overrides=[{"mode": "finetune", "labels_per_class": -1,
+                                                          "overrides": ["train.epochz=2"]}]))
+
+
 def test_frozen_encoders_are_content_addressed(tmp_path):
     torch.manual_seed(0)
     save_backbone(create_backbone("random:small_cnn@4"), tmp_path / "a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,47 @@ def test_objectives_and_points_are_checked(tmp_path):
         load_sweep(_write(tmp_path, base="nope.yaml"))
 
 
+def test_pbt_is_checked_before_ray(tmp_path):
+    pbt = {"kind": "pbt", "perturbation_interval": 1}
+    sweep, _ = load_sweep(_write(tmp_path, scheduler=pbt, overrides=["train.epochs=3"]))
+    assert sweep.scheduler.kind == "pbt"
+    with pytest.raises(SweepConfigError, match="pbt ranks trials on one metric"):
+        load_sweep(_write(tmp_path, scheduler=pbt, metric=None, mode=None, metrics=["val_acc", "val_loss"],
+                          modes=["max", "min"]))
+    with pytest.raises(SweepConfigError, match=r"cannot mutate \['train.epochs'\]"):
+        load_sweep(_write(tmp_path, scheduler=pbt, space={"train.epochs": {"type": "int", "low": 2, "high": 4}}))
+    with pytest.raises(SweepConfigError, match=r"perturbation_interval=3 must be below the job's train\.epochs=3"):
+        load_sweep(_write(tmp_path, scheduler={**pbt, "perturbation_interval": 3}, overrides=["train.epochs=3"]))
+
+
+def test_pbt_mutations_stay_inside_the_space(tmp_path):
+    sweep, _ = load_sweep(_write(tmp_path, scheduler={"kind": "pbt", "perturbation_interval": 1},
+                                 overrides=["train.epochs=3"],
+                                 space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
+                                        "train.batch_size": {"type": "int", "low": 8, "high": 64},
+                                        "method.hidden": {"type": "choice", "values": [0, 16]}}))
+    clip = sweep_job.ClipToSpace(sweep)
+    assert clip({"train.lr": 0.12, "train.batch_size": 70.4, "method.hidden": 16}) == \
+        {"train.lr": 0.1, "train.batch_size": 64, "method.hidden": 16}
+    assert clip({"train.lr": 5e-4, "train.batch_size": 9.6, "method.hidden": 0})["train.batch_size"] == 10
+    scheduler = sweep_job.build_scheduler(sweep, 3)
+    # A choice moves along its list (never multiplied); ranges are Tune domains.
+    assert scheduler._hyperparam_mutations["method.hidden"] == [0, 16]
+    assert scheduler._custom_explore_fn is not None
+    from ray.tune.search import BasicVariantGenerator
+
+    assert isinstance(sweep_job.build_search_alg(sweep), BasicVariantGenerator)
+
+
+def test_pbt_log_is_read_into_the_summary(tmp_path):
+    # One line of Tune's pbt_global.txt: tags, report counts, the clone's config, the new config.
+    (tmp_path / "pbt_global.txt").write_text(json.dumps(["0", "1", 2, 3, {"train.lr": 0.1}, {"train.lr": 0.12}]) + "\n")
+    events = sweep_job.pbt_perturbations(str(tmp_path))
+    assert events == [{"trial_no": "0", "cloned_no": "1", "at_report": 2, "cloned_values": {"train.lr": 0.1},
+                       "values": {"train.lr": 0.12}}]
+    assert sweep_job.pbt_perturbations(str(tmp_path / "missing")) == []
+
+
 def test_pareto_front_and_best_record():
     values = np.array([[0.9, 3.0], [0.8, 1.0], [0.7, 2.0], [np.nan, 0.5]])
     assert pareto_mask(values, ["max", "min"]).tolist() == [True, True, False, False]
@@ -138,3 +180,40 @@ def test_sweep_asha_outputs_then_restore(ray_cluster, tmp_path):
     assert again["restored"]
     assert [(r["trial_id"], r["epochs"], r["val_acc"]) for r in again["trials"]] == \
         [(r["trial_id"], r["epochs"], r["val_acc"]) for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sweep_pbt_clones_weights_and_mutates_values(ray_cluster, tmp_path):
+    path = _write(tmp_path, name="pbt-sweep", overrides=["train.epochs=4", "data.synthetic_size=300"],
+                  space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 0.3}},
+                  points_to_evaluate=[{"train.lr": 1e-4}, {"train.lr": 0.1}],
+                  num_samples=2, max_concurrent=2, resources={"num_workers": 1},
+                  scheduler={"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5,
+                             "resample_probability": 0.0})
+    out = sweep_job.main(["--config", str(path)])
+    rows = out["trials"]
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["epochs"] == 4 for r in rows), rows
+    # The trial at lr=1e-4 learns far less per epoch, so PBT makes it take the other's weights
+    # and a perturbed lr (0.8x or 1.2x of 0.1, clipped to the space) at least once.
+    events = out["perturbations"]
+    assert events, "PBT never exploited"
+    for event in events:  # no resampling: the clone's value times 0.8 or 1.2, inside the space
+        ratio = event["values"]["train.lr"] / event["cloned_values"]["train.lr"]
+        assert ratio == pytest.approx(0.8) or ratio == pytest.approx(1.2), event
+    assert [r["trial_id"] for r in rows] == sorted(r["trial_id"] for r in rows)
+    assert "## PBT" in (tmp_path / "out" / "pbt-sweep" / "summary.md").read_text()
+    assert all(r["test_top1"] is not None for r in rows)
+    # The weights really were cloned: the exploiting trial's final history starts with epochs
+    # the other trial trained (same losses), then goes its own way.
+    def final_history(trial_id):
+        runs = Path(out["storage"]).parent.joinpath("train").glob(f"pbt-sweep-{trial_id}-e003-*")
+        last = max((c for run in runs for c in run.glob("checkpoint_*") if c.is_dir()), key=lambda c: c.name)
+        return json.loads((last / "history.json").read_text())
+
+    first = events[0]
+    ids = {int(r["trial_id"].rsplit("_", 1)[1]): r["trial_id"] for r in rows}
+    taker, donor = final_history(ids[int(first["trial_no"])]), final_history(ids[int(first["cloned_no"])])
+    assert len(taker) == len(donor) == 4
+    assert taker[0]["train_loss"] == pytest.approx(donor[0]["train_loss"])
+    assert taker[-1]["train_loss"] != pytest.approx(donor[-1]["train_loss"])
