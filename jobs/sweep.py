@@ -39,6 +39,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +413,8 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
     common = {"job": job_abs, "shared": shared, "sweep_name": sweep.name, "train_storage": f"{storage}/train"}
     if sweep.scheduler.kind == "pbt":
         random.seed(sweep.seed)  # PBT draws whom to clone and how to perturb from Python's `random`
+        # Tune suggests reusing actors with `reset_config`; a trial here is a Train run, not a Trainable.
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         function = tune.with_parameters(run_pbt_trial, interval=sweep.scheduler.perturbation_interval, **common)
     else:
         function = tune.with_parameters(run_trial, **common)

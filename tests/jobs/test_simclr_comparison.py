@@ -77,3 +77,12 @@ def test_frozen_encoders_are_content_addressed(tmp_path):
     random = create_backbone(f"checkpoint:{random_encoder(tmp_path / 'a', 0, tmp_path / 'enc')}")
     assert random.num_features == 16 and random.preprocessing.in_chans == 1
     torch.testing.assert_close(random.encoder.state_dict(), create_backbone(spec_a).encoder.state_dict())
+
+
+def test_cpu_comparison_validates_and_shortens_only_the_all_labels_fine_tuning():
+    comparison, _ = load_comparison(SHIPPED.with_name("comparison_cpu.yaml"))
+    assert comparison.encoder and [b.spec for b in comparison.backbones][:2] == [SIMCLR, "random"]
+    lite = comparison.backbones[2]
+    assert job_overrides(comparison, lite, "finetune", -1, lite.spec).train.epochs == 2
+    assert job_overrides(comparison, lite, "finetune", 10, lite.spec).train.epochs == 30
+    assert job_overrides(comparison, lite, "probe", -1, lite.spec).backbone.image_size == 48
