@@ -37,7 +37,7 @@ from jobs.config import ConfigError, JobConfig, load_config
 from jobs.runtime import init_ray, setup_logging
 from polyclip.backbones import create_backbone, save_backbone
 from polyclip.io import atomic_write_json, atomic_write_text
-from polyclip.reports.plots import bar_chart
+from polyclip.reports.plots import grouped_bar_chart
 from polyclip.reports.tables import markdown_table
 
 logger = logging.getLogger("polyclip")
@@ -216,8 +216,10 @@ def write_outputs(comparison: ComparisonConfig, rows: list[dict[str, Any]], spec
             f"random init `{specs[RANDOM]}`.\n\n{markdown_table(rows)}")
     atomic_write_text(folder / "comparison.md", note)
     atomic_write_json(folder / "comparison.json", {"command": command, "specs": specs, "rows": rows})
-    bar_chart({f"{r['backbone']} | {r['mode']} | {r['labels']}": r["test_top1"] for r in rows},
-              folder / "comparison.png", title=f"{comparison.name}: test top-1", ylabel="accuracy")
+    grouped: dict[str, dict[str, float]] = {}
+    for r in rows:
+        grouped.setdefault(r["backbone"], {})[f"{r['mode']}, {r['labels']} labels"] = r["test_top1"]
+    grouped_bar_chart(grouped, folder / "comparison.png", title=f"{comparison.name}: test top-1", ylabel="accuracy")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

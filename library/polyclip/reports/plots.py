@@ -80,6 +80,34 @@ def bar_chart(values: Mapping[str, float], path: str | os.PathLike[str], title: 
     return _save(fig, path)
 
 
+def grouped_bar_chart(values: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str], title: str,
+                      ylabel: str) -> Path:
+    """Bars grouped on the x axis: ``values[group][series]``, one colour per series, value on each bar.
+
+    Example:
+        >>> values = {"SimCLR": {"probe": 0.85, "fine-tune": 0.9}, "random": {"probe": 0.74}}
+        >>> grouped_bar_chart(values, "out.png", "test top-1", "accuracy")  # doctest: +SKIP
+    """
+    groups = list(values)
+    series = list(dict.fromkeys(name for group in values.values() for name in group))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 4.5))
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g, group in enumerate(groups) if name in values[group]]
+        ys = [values[group][name] for group in groups if name in values[group]]
+        bars = ax.bar(xs, ys, width, label=name, color=colours(i % 10))
+        for bar, y in zip(bars, ys):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{y:.3f}", ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike[str],
               title: str, xlabel: str, ylabel: str) -> Path:
     """Several named ``(x, y)`` series on one axis."""
