@@ -218,7 +218,8 @@ def write_outputs(comparison: ComparisonConfig, rows: list[dict[str, Any]], spec
     atomic_write_json(folder / "comparison.json", {"command": command, "specs": specs, "rows": rows})
     grouped: dict[str, dict[str, float]] = {}
     for r in rows:
-        grouped.setdefault(r["backbone"], {})[f"{r['mode']}, {r['labels']} labels"] = r["test_top1"]
+        labels = "all labels" if r["labels"] == "all" else r["labels"]
+        grouped.setdefault(r["backbone"], {})[f"{r['mode']}, {labels}"] = r["test_top1"]
     grouped_bar_chart(grouped, folder / "comparison.png", title=f"{comparison.name}: test top-1", ylabel="accuracy")
 
 

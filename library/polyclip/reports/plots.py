@@ -104,7 +104,7 @@ def grouped_bar_chart(values: Mapping[str, Mapping[str, float]], path: str | os.
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     return _save(fig, path)
 
 
