@@ -242,12 +242,21 @@ def trial_job(job: dict[str, Any], params: dict[str, Any], name: str, train_stor
 def run_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, Any], sweep_name: str,
               train_storage: str) -> None:
     """Tune function: one full ``TorchTrainer`` job; every epoch reaches Tune through ``TuneReportCallback``."""
-    import ray
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import load_data, prepare_payload
     from jobs.trainer import build_trainer
+
+    cfg, ref = _start_trial(config, job, shared, sweep_name, train_storage)
+    build_trainer(cfg, ref, callbacks=[TuneReportCallback()]).fit()
+
+
+def _start_trial(config: dict[str, Any], job: dict[str, Any], shared: dict[str, Any], sweep_name: str,
+                 train_storage: str) -> tuple[Any, Any]:
+    """A trial's job config (named after the trial) and its payload's object ref (shared, or prepared here)."""
+    import ray
+    from ray import tune
+
+    from jobs.train import load_data, prepare_payload
 
     # A trial may wait for the workers of one that ASHA just stopped to be torn down.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
@@ -257,7 +266,7 @@ def run_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, 
     if ref is None:
         dataset, split = load_data(cfg)
         ref = ray.put(prepare_payload(cfg, dataset, split, {}))
-    build_trainer(cfg, ref, callbacks=[TuneReportCallback()]).fit()
+    return cfg, ref
 
 
 def _epochs_done(checkpoint: Any) -> int:
@@ -284,26 +293,18 @@ def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[s
     """
     import hashlib
 
-    import ray
     from ray import tune
 
-    from jobs.train import load_data, prepare_payload
     from jobs.trainer import build_trainer
 
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_job(job, config, f"{sweep_name}-{trial_id}", train_storage)
-    ref = shared.get("payload")
-    if ref is None:
-        dataset, split = load_data(cfg)
-        ref = ray.put(prepare_payload(cfg, dataset, split, {}))
+    cfg, ref = _start_trial(config, job, shared, sweep_name, train_storage)
     checkpoint = tune.get_checkpoint()
     start = _epochs_done(checkpoint)
     while start < cfg.train.epochs:
         stop = min(start + interval, cfg.train.epochs)
         origin = json.dumps([sorted(config.items()), getattr(checkpoint, "path", None)], default=str)
         digest = hashlib.sha1(origin.encode()).hexdigest()[:8]
-        segment = trial_job(job, config, f"{sweep_name}-{trial_id}-e{start:03d}-{digest}", train_storage)
+        segment = cfg.model_copy(update={"name": f"{cfg.name}-e{start:03d}-{digest}"})
         result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop).fit()
         checkpoint = result.checkpoint
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

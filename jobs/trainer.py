@@ -86,6 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.info("rank %d resumed from checkpoint at epoch %d", rank, start_epoch)
 
     end_epoch = min(cfg.train.epochs, int(config.get("stop_after_epoch") or cfg.train.epochs))
+    train_settings = cfg.dump()["train"]  # stored with each checkpoint: a load under other settings rebases
     val, test = payload["val"], payload["test"]
     for epoch in range(start_epoch, end_epoch):
         for loader in loaders.values():
@@ -121,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = {"task": inner.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler else None,
                          "plateau": plateau.state_dict() if plateau else None,
-                         "epoch": epoch + 1, "history": history, "resumes": resumes, "train": cfg.dump()["train"]}
+                         "epoch": epoch + 1, "history": history, "resumes": resumes, "train": train_settings}
                 atomic_write_with(Path(tmp) / STATE_FILE, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
                 atomic_write_json(Path(tmp) / HISTORY_FILE, history)
                 atomic_write_json(Path(tmp) / RESUMES_FILE, resumes)
@@ -158,7 +159,8 @@ def load_training_state(state: dict[str, Any], cfg: JobConfig, task: torch.nn.Mo
         scheduler.load_state_dict(state["scheduler"])
     if plateau is not None and state.get("plateau"):
         plateau.load_state_dict(state["plateau"])
-    if state.get("train", cfg.dump()["train"]) != cfg.dump()["train"]:
+    settings = cfg.dump()["train"]
+    if state.get("train", settings) != settings:
         for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
         if scheduler is not None:
