@@ -79,7 +79,8 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    scheduler: Literal["cosine", "constant", "plateau"] = "cosine"
+    scheduler: Literal["cosine", "fixmatch_cosine", "constant", "plateau"] = Field(
+        "cosine", description="cosine: half cosine to 0 after warm-up; fixmatch_cosine: cos(7 pi k / 16 K) (FixMatch)")
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_batch_size: int = Field(256, gt=0)
