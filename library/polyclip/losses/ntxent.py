@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from polyclip.distributed import all_gather, all_reduce, is_distributed, rank
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -24,16 +25,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
-        chunks = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(chunks, x.contiguous())
-        return torch.cat(chunks, dim=0)
+        ctx.rank, ctx.batch, ctx.device = rank(), x.shape[0], x.device
+        return torch.cat(all_gather(x, expected=x.device), dim=0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad = all_reduce(grad.contiguous(), expected=ctx.device)
         return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
@@ -55,7 +52,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         gradient: each rank receives ``world_size`` times its share, and the average
         divides it back.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return x
     out: torch.Tensor = _GatherWithGrad.apply(x)
     return out
@@ -111,5 +108,6 @@ class NTXentLoss(nn.Module):
         logits = z @ z.t() / self.temperature
         # An anchor is never its own negative.
         logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        # Built on the embeddings' device: no host-to-device copy per step.
+        targets = torch.arange(2 * n, device=z.device).roll(n)
         return F.cross_entropy(logits, targets)

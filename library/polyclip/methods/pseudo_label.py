@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyclip.backbones.base import Backbone
-from polyclip.methods.class_aware_threshold import distributed_sum_
+from polyclip.distributed import all_reduce, training_device
 from polyclip.methods.ema import ModelEma
 from polyclip.methods.image_classifier import ImageClassifier
 
@@ -78,46 +78,74 @@ class ThresholdSchedule:
 class AcceptanceMeter:
     """Per-epoch counts of accepted pseudo-labels, per class, and their accuracy.
 
-    True labels of the unlabeled pool only enter here (for logging), never a loss.
-    :meth:`summary` sums the counts over DDP workers, so every rank reports the global
+    True labels of the unlabeled pool only enter here (for logging), never a loss. The
+    counters live on the device of the batches they count (moved there on the first
+    update) and are updated there without a host sync; :meth:`summary` sums them over DDP
+    workers on that device (NCCL has no CPU backend), so every rank reports the global
     figures, and resets them.
 
     Args:
         class_names: Names used in the logged keys (``accepted/<name>``).
         prefix: Prepended to every key (``"teacher_"``...).
+
+    Example:
+        >>> meter = AcceptanceMeter(["a", "b"])
+        >>> meter.update(torch.tensor([0, 1]), torch.tensor([True, False]), torch.tensor([0, 0]))
+        >>> meter.summary()
+        {'mask_rate': 0.5, 'pseudo_acc': 1.0, 'accepted/a': 1.0, 'accepted/b': 0.0}
     """
+
+    seen: torch.Tensor
+    accepted: torch.Tensor
+    correct: torch.Tensor
 
     def __init__(self, class_names: Sequence[str], prefix: str = "") -> None:
         self.class_names, self.prefix = list(class_names), prefix
+        # Before the first batch: the declared training device, so that a rank that saw no
+        # batch still reduces on the device its backend accepts.
+        self.device = training_device() or torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
+        """Zero the counters (on the device of the last batch)."""
         c = len(self.class_names)
-        self.accepted = torch.zeros(c, dtype=torch.float64)
-        self.correct = torch.zeros(c, dtype=torch.float64)
-        self.seen = torch.zeros(1, dtype=torch.float64)
+        self.seen = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.accepted = torch.zeros(c, dtype=torch.long, device=self.device)
+        self.correct = torch.zeros(c, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor, mask: torch.Tensor, true_labels: torch.Tensor | None) -> None:
         """Add a batch: pseudo-labels ``(B,)``, acceptance mask ``(B,)``, true labels ``(B,)`` if known."""
-        c = len(self.class_names)
-        labels, mask = labels.detach().cpu().long(), mask.detach().cpu().bool()
+        if labels.device != self.device:
+            self.device = labels.device
+            self.seen, self.accepted, self.correct = (t.to(self.device) for t in (self.seen, self.accepted,
+                                                                                   self.correct))
+        labels, mask = labels.detach().long(), mask.detach().bool()
         self.seen += mask.numel()
-        self.accepted += torch.bincount(labels[mask], minlength=c).double()
+        # index_add_ rather than bincount, whose data-dependent output size syncs on CUDA.
+        self.accepted.index_add_(0, labels, mask.long())
         if true_labels is not None:
-            hit = mask & (labels == true_labels.detach().cpu().long())
-            self.correct += torch.bincount(labels[hit], minlength=c).double()
+            hit = mask & (labels == true_labels.detach().to(self.device).long())
+            self.correct.index_add_(0, labels, hit.long())
+
+    def reduced_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(seen (1,), accepted (C,), correct (C,))`` summed over all workers, on the batches' device.
+
+        Every DDP worker must call this (or :meth:`summary`) at the same point.
+        """
+        c = len(self.class_names)
+        counts = all_reduce(torch.cat([self.seen, self.accepted, self.correct]), expected=self.device)
+        return counts[:1], counts[1:1 + c], counts[1 + c:]
 
     def summary(self, with_accuracy: bool = True) -> dict[str, float]:
         """``mask_rate``, ``pseudo_acc`` (if any was accepted) and ``accepted/<class>``; resets."""
-        counts = torch.cat([self.seen, self.accepted, self.correct])
-        distributed_sum_(counts)
-        c = len(self.class_names)
-        seen, accepted, correct = float(counts[0]), counts[1:1 + c], counts[1 + c:]
+        seen_t, accepted_t, correct_t = self.reduced_counts()
+        seen, accepted, correct = seen_t.item(), accepted_t.tolist(), correct_t.tolist()  # one read per epoch
         p = self.prefix
-        out = {f"{p}mask_rate": float(accepted.sum()) / max(seen, 1.0)}
-        if with_accuracy and float(accepted.sum()) > 0:
-            out[f"{p}pseudo_acc"] = float(correct.sum() / accepted.sum())
+        total = sum(accepted)
+        out = {f"{p}mask_rate": total / max(seen, 1)}
+        if with_accuracy and total > 0:
+            out[f"{p}pseudo_acc"] = sum(correct) / total
         out.update({f"{p}accepted/{name}": float(n) for name, n in zip(self.class_names, accepted)})
         self.reset()
         return out

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from polyclip.backbones import create_backbone
+from polyclip.distributed import CollectiveDeviceError, check_devices
 from polyclip.methods.pseudo_label import AcceptanceMeter, PseudoLabelTask, ThresholdSchedule, pseudo_label_report
 from polyclip.methods.teacher import fit_probe_teacher, zero_shot_teacher
 
@@ -57,6 +58,23 @@ def test_acceptance_meter():
     out = meter.summary()
     assert out == {"t_mask_rate": 0.5, "t_pseudo_acc": 0.5, "t_accepted/a": 1.0, "t_accepted/b": 1.0}
     assert meter.summary()["t_mask_rate"] == 0.0
+
+
+def test_acceptance_meter_counts_on_the_batch_device():
+    # Meta stands in for a GPU: the counters must follow the batch there and be reduced
+    # there; a CPU counter (or a host read per step) would fail as it would under NCCL.
+    meter = AcceptanceMeter(["a", "b", "c"])
+    labels = torch.zeros(5, dtype=torch.long, device="meta")
+    mask = torch.ones(5, dtype=torch.bool, device="meta")
+    meter.update(labels, mask, labels)
+    seen, accepted, correct = meter.reduced_counts()
+    assert {t.device.type for t in (seen, accepted, correct, meter.seen)} == {"meta"}
+    # Reduced tensors pass the same check a collective applies; a CPU copy does not.
+    check_devices("all_reduce", [accepted], torch.device("meta"))
+    with pytest.raises(CollectiveDeviceError, match="training device is meta"):
+        check_devices("all_reduce", [accepted.new_zeros(3, device="cpu")], torch.device("meta"))
+    meter.reset()
+    assert meter.accepted.device.type == "meta"  # reset keeps the batches' device
 
 
 def pl_batch(seed=0):
