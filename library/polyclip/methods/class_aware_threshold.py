@@ -1,19 +1,24 @@
-"""Class-aware adaptive confidence thresholds (Lucas et al., 2021, "Barely-supervised learning").
+"""Class-aware adaptive confidence thresholds (Lucas et al., 2022, "Barely-supervised learning").
 
 A fixed threshold (FixMatch's 0.95) lets easy classes flood the pseudo-labels while hard
 classes never pass. Here every class ``c`` has its own threshold ``tau_c``, nudged after
-each step towards the class prior ``r_c``:
+each step towards the class prior ``r_c`` (the paper's section on class-aware thresholds):
 
-    p_c   <- alpha * p_c + (1 - alpha) * n_c / max(sum_k n_k, 1)
+    p_c   <- alpha * p_c + (1 - alpha) * n_c / B
     tau_c <- clip(tau_c + eps * sign(p_c - r_c), tau_min, tau_max)
 
-where ``n_c`` counts the images of the batch confidently pseudo-labeled as ``c``. An
-over-represented class (``p_c > r_c``) gets stricter, an under-represented one more
-lenient. When a step accepts nothing, every ``n_c / max(sum, 1)`` is 0, so ``p`` decays and
-every threshold drops: the thresholds cannot stall with nothing accepted.
+where ``n_c`` counts the unlabeled images of the batch confidently pseudo-labeled as ``c``
+and ``B`` is the number of unlabeled images in the batch: ``p_c`` is, as in the paper, "the
+proportion of images that are confidently labeled into class c among all images", not the
+share of ``c`` among the accepted ones. So ``sum_c p_c <= 1 = sum_c r_c``: while some images
+are rejected, the thresholds keep drifting down until the accepted images cover the pool
+in the prior's proportions, and an over-represented class (``p_c > r_c``) gets stricter.
+When a step accepts nothing, ``p`` decays and every threshold drops: the thresholds cannot
+stall with nothing accepted.
 
-Under DDP the counts are summed over all workers (``torch.distributed.all_reduce``) before
-the update, so every worker holds the same thresholds.
+Under DDP the counts and ``B`` are summed over all workers before the update (on the
+training device, through :func:`polyclip.distributed.all_reduce`), so every worker holds the
+same thresholds.
 """
 
 from __future__ import annotations
@@ -21,19 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def distributed_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over all workers when ``torch.distributed`` is initialised."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+from polyclip.distributed import all_reduce
 
 
 class ClassAwareThreshold(nn.Module):
-    """Per-class confidence thresholds updated from the share of accepted pseudo-labels.
+    """Per-class confidence thresholds updated from the share of images accepted per class.
 
     Args:
         num_classes: ``C``.
@@ -103,13 +102,19 @@ class ClassAwareThreshold(nn.Module):
     def update(self, labels: torch.Tensor, mask: torch.Tensor) -> None:
         """One update from a batch's pseudo-labels ``(B,)`` and acceptance mask ``(B,)``.
 
-        Under DDP every worker must call this at the same step (it all-reduces the counts).
+        Everything stays on the batch's device (no host sync); under DDP every worker must
+        call this at the same step (it all-reduces the counts there).
         """
-        counts = torch.bincount(labels[mask], minlength=self.num_classes).to(self.p.dtype)
-        distributed_sum_(counts)
-        batch_share = counts / counts.sum().clamp(min=1.0)
+        if labels.shape != mask.shape or labels.ndim != 1:
+            raise ValueError(f"labels and mask must both be (B,); got {tuple(labels.shape)} and {tuple(mask.shape)}")
+        # counts[:C] = n_c, counts[C] = B; index_add_ rather than bincount, whose output size
+        # depends on the data and costs a host sync on CUDA.
+        counts = torch.zeros(self.num_classes + 1, dtype=self.p.dtype, device=labels.device)
+        counts[: self.num_classes].index_add_(0, labels.long(), mask.to(counts.dtype))
+        counts[self.num_classes].fill_(float(mask.numel()))
+        all_reduce(counts, expected=self.p.device)  # the thresholds live on the training device
+        batch_share = counts[: self.num_classes] / counts[self.num_classes].clamp(min=1.0)
         self.p.mul_(self.alpha).add_(batch_share, alpha=1.0 - self.alpha)
         self.tau.add_(self.eps * torch.sign(self.p - self.prior)).clamp_(self.tau_min, self.tau_max)
 
-
-__all__ = ["ClassAwareThreshold", "distributed_sum_"]
+__all__ = ["ClassAwareThreshold"]

@@ -1,4 +1,4 @@
-"""Class-aware adaptive thresholds: the update rule by hand, and identical thresholds under DDP."""
+"""Class-aware adaptive thresholds: the paper's update rule by hand, on the batch's device, under DDP."""
 
 import json
 from pathlib import Path
@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from polyclip.distributed import CollectiveDeviceError
 from polyclip.methods.class_aware_threshold import ClassAwareThreshold
 
 
-def hand_update(tau, p, prior, counts, alpha, eps):
-    total = max(sum(counts), 1)
-    new_p = [alpha * pc + (1 - alpha) * n / total for pc, n in zip(p, counts)]
+def hand_update(tau, p, prior, counts, batch_size, alpha, eps):
+    # Lucas et al.: p_c is the share of *all* unlabeled images confidently labeled c.
+    new_p = [alpha * pc + (1 - alpha) * n / batch_size for pc, n in zip(p, counts)]
     new_tau = [t + eps * ((pc > r) - (pc < r)) for t, pc, r in zip(tau, new_p, prior)]
     return new_tau, new_p
 
@@ -26,19 +27,32 @@ def test_update_matches_hand_computation_with_a_prior():
     tau, p = [0.9] * 3, list(prior)
     for _ in range(3):
         th.update(labels, mask)
-        tau, p = hand_update(tau, p, prior, [1, 1, 3], 0.8, 0.01)
+        tau, p = hand_update(tau, p, prior, [1, 1, 3], 7, 0.8, 0.01)
         assert torch.allclose(th.p, torch.tensor(p), atol=1e-6)
         assert torch.allclose(th.tau, torch.tensor(tau), atol=1e-6)
-    # Class 2 is over-represented (share 0.6 > 0.2): stricter; classes 0 and 1 more lenient.
+    # Class 2 is over-represented (3 of 7 images > 0.2): stricter; classes 0 and 1 more lenient.
     assert th.tau[2] > 0.9 > th.tau[0]
 
 
-def test_uniform_prior_and_nothing_accepted_lowers_every_threshold():
-    th = ClassAwareThreshold(4, init=0.95)  # paper defaults alpha 0.9, eps 0.001
-    assert torch.allclose(th.prior, torch.full((4,), 0.25))
-    th.update(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool))
-    assert torch.allclose(th.p, torch.full((4,), 0.9 * 0.25))
-    assert torch.allclose(th.tau, torch.full((4,), 0.949))
+def test_share_is_among_all_images_not_among_the_accepted():
+    # Half the batch accepted, all as class 0, uniform prior over 2 classes. Among all images
+    # class 0's share is 0.5 = r_0 (threshold kept); among the accepted it would be 1.0
+    # (threshold raised). The paper's rule keeps it, and lowers class 1's.
+    th = ClassAwareThreshold(2, init=0.9, alpha=0.9, eps=0.01)
+    th.update(torch.tensor([0, 0, 1, 1]), torch.tensor([True, True, False, False]))
+    assert torch.allclose(th.p, torch.tensor([0.5, 0.45]))
+    assert torch.allclose(th.tau, torch.tensor([0.9, 0.89]))
+
+
+def test_update_stays_on_the_training_device():
+    # The meta device stands in for a GPU on a CPU machine: counts built on the CPU, or read
+    # back to the host (.item() fails on meta), break this test as they would break NCCL.
+    th = ClassAwareThreshold(3, init=0.9).to("meta")
+    labels, mask = torch.zeros(6, dtype=torch.long, device="meta"), torch.ones(6, dtype=torch.bool, device="meta")
+    th.update(labels, mask)
+    assert th.tau.device.type == th.p.device.type == "meta"
+    with pytest.raises(CollectiveDeviceError, match="is on cpu, but the training device is meta"):
+        th.update(torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool))
 
 
 def test_equal_share_keeps_the_threshold_and_clipping_holds():
@@ -89,3 +103,8 @@ def test_all_reduce_gives_identical_thresholds_on_two_processes(tmp_path):
     for _ in range(5):
         reference.update(torch.tensor([0, 0, 0, 1, 2, 2, 1, 1]), torch.ones(8, dtype=torch.bool))
     assert torch.allclose(torch.tensor(tau0), reference.tau) and torch.allclose(torch.tensor(p0), reference.p)
+
+
+def test_labels_and_mask_must_match():
+    with pytest.raises(ValueError, match=r"\(3,\) and \(2,\)"):
+        ClassAwareThreshold(2).update(torch.zeros(3, dtype=torch.long), torch.ones(2, dtype=torch.bool))
