@@ -56,15 +56,26 @@ class ModelEma(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One EMA step towards ``model``'s current weights (same architecture as the copy)."""
+        """One EMA step towards ``model``'s current weights (same architecture as the copy).
+
+        The warm-up decay is computed from the on-device counter, never read on the host,
+        so a step costs no GPU-to-CPU synchronisation.
+        """
         current = dict(model.state_dict())
-        n = int(self.updates.item())
-        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        decay: torch.Tensor | float = self.decay
+        if self.warmup:
+            n = self.updates.to(torch.float32)
+            decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         self.updates.add_(1)
+        weights: dict[tuple[torch.dtype, torch.device], torch.Tensor | float] = {}
         for name, value in self.module.state_dict().items():
             source = current[name].detach()
             if value.dtype.is_floating_point:
-                value.mul_(decay).add_(source.to(value.dtype), alpha=1.0 - decay)
+                # lerp_: value + w * (source - value) = decay * value + (1 - decay) * source.
+                key = (value.dtype, value.device)
+                if key not in weights:
+                    weights[key] = (1.0 - decay).to(value) if isinstance(decay, torch.Tensor) else 1.0 - decay
+                value.lerp_(source.to(value.dtype), weights[key])
             else:
                 value.copy_(source)
 
