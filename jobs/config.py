@@ -37,12 +37,18 @@ class DataConfig(StrictModel):
     test_limit: int | None = Field(None, gt=0, description="cap on test images; null for the full test set")
     strict: bool = False
     synthetic_size: int = Field(2000, gt=0)
+    unlabeled_source: str | None = Field(
+        None, description="unlabeled pool: a flat folder/prefix of images (local, NFS, s3://...) or a CSV/Parquet "
+        "manifest with a 'path' column; null: carve the pool out of the labeled dataset")
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in the local shuffle buffer of streamed data")
+    prefetch_batches: int = Field(2, ge=0, description="batches prefetched per streamed dataset")
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value.partition(":")[0] not in {"fashion_mnist", "imagefolder", "synthetic"}:
-            raise ValueError(f"unknown dataset {value!r}; valid: fashion_mnist, imagefolder:<path>, synthetic")
+        if value.partition(":")[0] not in {"fashion_mnist", "imagefolder", "manifest", "synthetic"}:
+            raise ValueError(f"unknown dataset {value!r}; valid: fashion_mnist, imagefolder:<path or URI>, "
+                             "manifest:<CSV or Parquet with path,label>, synthetic")
         return value
 
     @field_validator("labels_per_class")
@@ -85,6 +91,11 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     eval_every: int = Field(1, gt=0, description="validate every N epochs")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="autocast dtype; auto: bf16 on GPUs that support it, else fp16 with a GradScaler on "
+        "GPUs, fp32 on CPU")
+    channels_last: bool = Field(False, description="channels_last memory format for conv backbones on GPUs")
+    log_every_steps: int = Field(50, gt=0, description="read the loss back from the device every N steps")
 
 
 class ScalingSection(StrictModel):
@@ -93,6 +104,8 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpu_wait_s: float = Field(600.0, ge=0, description="use_gpu=true: how long to wait for GPUs before failing")
+    sync_batchnorm: bool = Field(False, description="convert BatchNorm to SyncBatchNorm across workers")
 
 
 class RunSection(StrictModel):
@@ -105,6 +118,8 @@ class RunSection(StrictModel):
     max_failures: int = Field(2, ge=-1)
     num_checkpoints: int = Field(2, gt=0)
     encode_workers: int = Field(2, gt=0, description="parallel Ray tasks for feature caching")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers for every training run")
 
 
 class WordVectorsSection(StrictModel):
