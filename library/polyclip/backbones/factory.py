@@ -7,10 +7,20 @@ Specs:
         A timm model with its hub weights (needs network on first use).
     ``timm:<name>@<path>``
         A timm model with weights from a local ``.safetensors`` / ``.pt`` / ``.pth`` file.
+    ``timm:hf-hub:<org>/<repo>``
+        A timm model from a Hugging Face Hub repository (``timm:hf-hub:timm/resnet18.a1_in1k``);
+        offline, ``timm:resnet18.a1_in1k@/path/to/model.safetensors`` is the local equivalent.
     ``open_clip:<arch>/<tag>``
         An open_clip model with hub weights (``open_clip:ViT-B-32/openai``).
     ``open_clip:<arch>@<path>``
         An open_clip model with weights from a local checkpoint file.
+    ``open_clip:hf-hub:<org>/<repo>``
+        An open_clip model whose config and weights live in a Hugging Face Hub repository
+        (``open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``). The ``/`` belongs to the
+        repository id: the spec is never split there.
+    ``open_clip:local-dir:<folder>``
+        The local equivalent of an ``hf-hub:`` spec: a folder holding the repository's
+        ``open_clip_config.json`` and its weights (``open_clip_model.safetensors``...).
     ``random:<arch>``
         Explicitly random-initialised: ``small_cnn``, any timm name, or ``open_clip:<arch>``.
     ``checkpoint:<dir>``
@@ -81,18 +91,55 @@ def create_backbone(spec: str, *, image_size: int | None = None, in_chans: int |
     return backbone.eval()
 
 
+#: open_clip name schemas whose ``/`` is part of the name (a repository id or a path).
+_OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+_HF_HUB = "hf-hub:"
+
+
 def arch_spec(spec: str) -> str:
     """The spec that rebuilds ``spec``'s architecture without weights (for checkpoints)."""
     kind, _, arg = spec.partition(":")
     if kind == "efficientnet_lite":
         return f"random:tf_efficientnet_lite{arg}"
     if kind == "timm":
-        return "random:" + arg.split("@")[0]
+        name = arg.split("@")[0]
+        # timm's own hub repositories are named after the architecture (and tag) they hold.
+        return "random:" + (name.removeprefix(_HF_HUB + "timm/") if name.startswith(_HF_HUB + "timm/") else name)
     if kind == "open_clip":
+        if arg.startswith(_OPEN_CLIP_SCHEMAS):
+            return "random:open_clip:" + arg  # the config comes from the repository (cached) or the folder
         return "random:open_clip:" + arg.split("@")[0].split("/")[0]
     if kind == "checkpoint":
-        return json.loads((_checkpoint_dir(arg) / "backbone.json").read_text())["arch_spec"]
+        return json.loads((checkpoint_dir(arg) / "backbone.json").read_text())["arch_spec"]
     return spec
+
+
+def weights_path(spec: str) -> Path | None:
+    """The local file a spec reads its weights from, or ``None`` when it reads none.
+
+    ``checkpoint:<dir>`` gives the saved encoder's weights file, ``timm:<name>@<file>`` and
+    ``open_clip:<arch>@<file>`` their file, ``open_clip:local-dir:<folder>`` the checkpoint
+    open_clip picks in that folder. Hub, packaged and random specs give ``None``. Caches use
+    it to notice that the weights behind an unchanged spec were rewritten.
+
+    Raises:
+        BackboneError: A ``checkpoint:`` folder without ``backbone.json``.
+
+    Example:
+        >>> weights_path("random:small_cnn") is None
+        True
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "checkpoint":
+        return checkpoint_dir(arg) / "backbone.pt"
+    if kind == "open_clip" and arg.startswith("local-dir:"):
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        found = _find_checkpoint_in_dir(Path(arg.removeprefix("local-dir:")).expanduser())
+        return Path(found) if found else None
+    if kind in {"timm", "open_clip"} and "@" in arg:
+        return Path(arg.partition("@")[2]).expanduser()
+    return None
 
 
 def _efficientnet_lite(spec: str, arg: str, image_size: int | None) -> Backbone:
@@ -156,9 +203,10 @@ def _timm(spec: str, arg: str, image_size: int | None) -> Backbone:
             raise BackboneError(f"{spec!r}: timm has no model {name!r}") from exc
         raise
     except Exception as exc:  # hub download failures come as many exception types
+        local = name.removeprefix(_HF_HUB).rpartition("/")[2] if name.startswith(_HF_HUB) else name
         raise BackboneError(
             f"{spec!r}: could not download pretrained weights ({type(exc).__name__}: {exc}). "
-            f"Without network, pass a local file: 'timm:{name}@/path/to/model.safetensors'"
+            f"Without network, pass a local file: 'timm:{local}@/path/to/model.safetensors'"
         ) from exc
     if path:
         state = _read_state_dict(spec, path)
@@ -191,7 +239,15 @@ def _read_state_dict(spec: str, path: str) -> dict[str, torch.Tensor]:
 def _open_clip(spec: str, arg: str, image_size: int | None, *, random_init: bool) -> Backbone:
     import open_clip
 
-    if "@" in arg:
+    schema = next((prefix for prefix in _OPEN_CLIP_SCHEMAS if arg.startswith(prefix)), None)
+    if schema is not None:
+        # open_clip reads the config and the weights from the repository or folder itself.
+        arch, pretrained = arg, ""
+        if not arg.removeprefix(schema):
+            raise BackboneError(f"{spec!r}: expected open_clip:{schema}<{'org/repo' if schema == _HF_HUB else 'folder'}>")
+        if schema == "local-dir:":
+            _check_local_dir(spec, Path(arg.removeprefix(schema)).expanduser(), need_weights=not random_init)
+    elif "@" in arg:
         arch, _, pretrained = arg.partition("@")
         if not Path(pretrained).expanduser().is_file():
             raise BackboneError(f"{spec!r}: checkpoint file {pretrained} does not exist")
@@ -204,16 +260,21 @@ def _open_clip(spec: str, arg: str, image_size: int | None, *, random_init: bool
             f"{spec!r}: say where the weights come from: 'open_clip:{arg}/<tag>' (hub, e.g. openai) or "
             f"'open_clip:{arg}@/path/to/weights.pt' (local file); use 'random:open_clip:{arg}' for random init"
         )
-    if arch not in open_clip.list_models():
+    if schema is None and arch not in open_clip.list_models():
         raise BackboneError(f"{spec!r}: open_clip has no architecture {arch!r}")
     try:
         model, _, _preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained or None, force_image_size=image_size
+            arch, pretrained=pretrained or None, force_image_size=image_size, load_weights=not random_init
         )
     except Exception as exc:
+        if schema == _HF_HUB:
+            hint = ("Without network, download the repository's open_clip_config.json and weights "
+                    "(open_clip_model.safetensors) elsewhere and pass 'open_clip:local-dir:/path/to/folder'")
+        else:
+            hint = f"Without network, download the checkpoint elsewhere and pass 'open_clip:{arch}@/path/to/weights.pt'"
         raise BackboneError(
-            f"{spec!r}: could not load CLIP weights {pretrained!r} ({type(exc).__name__}: {exc}). "
-            f"Without network, download the checkpoint elsewhere and pass 'open_clip:{arch}@/path/to/weights.pt'"
+            f"{spec!r}: could not load CLIP {'config and weights' if schema else 'weights ' + repr(pretrained)} "
+            f"({type(exc).__name__}: {exc}). {hint}"
         ) from exc
     tokenizer = open_clip.get_tokenizer(arch)
     visual = model.visual
@@ -230,6 +291,17 @@ def _open_clip(spec: str, arg: str, image_size: int | None, *, random_init: bool
         tokenizer=tokenizer,
         logit_scale=float(model.logit_scale.exp().item()),
     )
+
+
+def _check_local_dir(spec: str, folder: Path, *, need_weights: bool) -> None:
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    if not (folder / "open_clip_config.json").is_file():
+        raise BackboneError(f"{spec!r}: {folder} has no open_clip_config.json (copy it from the hub repository)")
+    # open_clip itself only warns and keeps random weights when the folder has none.
+    if need_weights and not _find_checkpoint_in_dir(folder):
+        raise BackboneError(f"{spec!r}: {folder} has no weights file (open_clip_model.safetensors, "
+                            "open_clip_pytorch_model.bin, model.safetensors...)")
 
 
 def _as_int(size: object) -> int:
@@ -274,7 +346,15 @@ def _random(spec: str, arg: str, image_size: int | None, in_chans: int | None) -
     return _timm_backbone(spec, model, image_size)
 
 
-def _checkpoint_dir(path: str) -> Path:
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """The folder holding ``backbone.json`` for a ``checkpoint:<path>`` spec.
+
+    ``path`` may be the encoder folder itself, a folder with a ``backbone/`` sub-folder, or
+    a run directory (``<run>/checkpoint/backbone``).
+
+    Raises:
+        BackboneError: None of those holds ``backbone.json``.
+    """
     folder = Path(path).expanduser()
     for candidate in (folder, folder / "backbone", folder / "checkpoint" / "backbone"):
         if (candidate / "backbone.json").is_file():
@@ -303,7 +383,7 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike[str]) -> Path:
 
 def load_backbone(path: str, *, image_size: int | None = None) -> Backbone:
     """Load an encoder written by :func:`save_backbone`."""
-    folder = _checkpoint_dir(path)
+    folder = checkpoint_dir(path)
     meta = json.loads((folder / "backbone.json").read_text())
     prep = meta["preprocessing"]
     backbone = create_backbone(meta["arch_spec"], image_size=prep["image_size"], in_chans=prep["in_chans"])
@@ -317,3 +397,7 @@ def load_backbone(path: str, *, image_size: int | None = None) -> Backbone:
     )
     return Backbone(f"checkpoint:{path}", backbone.encoder, meta["num_features"], preprocessing,
                     text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
+
+
+# Kept for callers written before ``checkpoint_dir`` was public.
+_checkpoint_dir = checkpoint_dir

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,78 @@ def test_open_clip_random_init_encodes_text_and_images():
         assert backbone.encode_text(["a photo of a cat", "a dog"]).shape == (2, backbone.num_features)
         assert backbone.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, backbone.num_features)
     assert not np.isnan(backbone.preprocessing.mean[0])
+
+
+HF_HUB_CLIP = "open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+
+
+def test_hf_hub_open_clip_spec_reaches_the_hub_and_fails_offline_with_the_local_dir_option():
+    # conftest sets HF_HUB_OFFLINE=1: the lookup happens (the spec parsed) and fails at once.
+    with pytest.raises(BackboneError, match=r"open_clip:local-dir:/path/to/folder") as info:
+        create_backbone(HF_HUB_CLIP)
+    assert "no architecture" not in str(info.value)
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in str(info.value)
+
+
+def test_hf_hub_timm_spec_fails_offline_naming_the_local_file_equivalent():
+    with pytest.raises(BackboneError, match=r"'timm:resnet18.a1_in1k@/path/to/model.safetensors'"):
+        create_backbone("timm:hf-hub:timm/resnet18.a1_in1k")
+
+
+def test_arch_spec_keeps_hub_repository_ids_whole():
+    from polyclip.backbones import arch_spec
+
+    assert arch_spec(HF_HUB_CLIP) == "random:" + HF_HUB_CLIP
+    assert arch_spec("timm:hf-hub:timm/resnet18.a1_in1k") == "random:resnet18.a1_in1k"
+    assert arch_spec("open_clip:ViT-B-32/openai") == "random:open_clip:ViT-B-32"
+
+
+def _open_clip_folder(folder, *, weights=True):
+    """A hub repository's files, written locally: open_clip_config.json and the weights."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("RN50", force_image_size=64)
+    folder.mkdir()
+    config = {"model_cfg": open_clip.get_model_config("RN50"),
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    if weights:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return model
+
+
+def test_open_clip_local_dir_loads_the_folder_weights(tmp_path):
+    from polyclip.backbones.factory import weights_path
+
+    source = _open_clip_folder(tmp_path / "clip")
+    backbone = create_backbone(f"open_clip:local-dir:{tmp_path / 'clip'}", image_size=64)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(backbone.forward_features(x), source.eval().encode_image(x), atol=1e-5)
+    assert backbone.has_text and backbone.preprocessing.std == (0.25, 0.25, 0.25)
+    assert weights_path(backbone.spec) == tmp_path / "clip" / "open_clip_model.safetensors"
+
+
+def test_open_clip_local_dir_without_weights_or_config_is_refused(tmp_path):
+    _open_clip_folder(tmp_path / "clip", weights=False)
+    with pytest.raises(BackboneError, match="has no weights file"):
+        create_backbone(f"open_clip:local-dir:{tmp_path / 'clip'}")
+    with pytest.raises(BackboneError, match="has no open_clip_config.json"):
+        create_backbone(f"open_clip:local-dir:{tmp_path}")
+
+
+def test_weights_path_names_the_local_file_of_each_spec(tmp_path):
+    from polyclip.backbones.factory import weights_path
+
+    save_backbone(create_backbone("random:small_cnn@8"), tmp_path / "enc")
+    assert weights_path(f"checkpoint:{tmp_path / 'enc'}") == tmp_path / "enc" / "backbone.pt"
+    assert weights_path("timm:resnet18@/w/r18.safetensors") == Path("/w/r18.safetensors")
+    assert weights_path("open_clip:RN50@~/rn50.pt") == Path("~/rn50.pt").expanduser()
+    for spec in ("efficientnet_lite:0", "timm:resnet18", "random:small_cnn", HF_HUB_CLIP, "pixels"):
+        assert weights_path(spec) is None
+    with pytest.raises(BackboneError, match="no backbone.json"):
+        weights_path(f"checkpoint:{tmp_path}")
