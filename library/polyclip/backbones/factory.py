@@ -244,7 +244,8 @@ def _open_clip(spec: str, arg: str, image_size: int | None, *, random_init: bool
         # open_clip reads the config and the weights from the repository or folder itself.
         arch, pretrained = arg, ""
         if not arg.removeprefix(schema):
-            raise BackboneError(f"{spec!r}: expected open_clip:{schema}<{'org/repo' if schema == _HF_HUB else 'folder'}>")
+            what = "org/repo" if schema == _HF_HUB else "folder"
+            raise BackboneError(f"{spec!r}: expected open_clip:{schema}<{what}>")
         if schema == "local-dir:":
             _check_local_dir(spec, Path(arg.removeprefix(schema)).expanduser(), need_weights=not random_init)
     elif "@" in arg:

@@ -154,7 +154,7 @@ def test_open_clip_local_dir_without_weights_or_config_is_refused(tmp_path):
     _open_clip_folder(tmp_path / "clip", weights=False)
     with pytest.raises(BackboneError, match="has no weights file"):
         create_backbone(f"open_clip:local-dir:{tmp_path / 'clip'}")
-    with pytest.raises(BackboneError, match="has no open_clip_config.json"):
+    with pytest.raises(BackboneError, match=r"has no open_clip_config\.json"):
         create_backbone(f"open_clip:local-dir:{tmp_path}")
 
 
@@ -167,5 +167,5 @@ def test_weights_path_names_the_local_file_of_each_spec(tmp_path):
     assert weights_path("open_clip:RN50@~/rn50.pt") == Path("~/rn50.pt").expanduser()
     for spec in ("efficientnet_lite:0", "timm:resnet18", "random:small_cnn", HF_HUB_CLIP, "pixels"):
         assert weights_path(spec) is None
-    with pytest.raises(BackboneError, match="no backbone.json"):
+    with pytest.raises(BackboneError, match=r"no backbone\.json"):
         weights_path(f"checkpoint:{tmp_path}")
