@@ -1,4 +1,4 @@
-"""The adaptive ensemble on Ray Serve: one deployment per backbone, a FastAPI ingress.
+"""The adaptive ensemble on Ray Serve: a FastAPI ingress and the member encoders.
 
 Development::
 
@@ -6,48 +6,56 @@ Development::
 
 Production: ``serve deploy serve/config.yaml`` (same builder, typed :class:`AppArgs`).
 
-Graph: the ``Ingress`` deployment decodes each image once per preprocessing (size and
-channels of the member backbones, with :func:`polyclip.data.images.decode_image` and its
-pixel limit), sends it to every ``Encoder_<backbone>`` deployment through deployment
-handles in parallel (or, with a cascade threshold, cheapest first until the partial
-ensemble is confident), and combines the features with the artifact's
-:class:`polyclip.ensemble.Ensemble`. Encoders batch concurrent requests with
-``@serve.batch``. HTTP API:
+Graph. ``deployment_mode: per_backbone`` (default) runs one ``Encoder_<backbone>``
+deployment per member, called through deployment handles in parallel (or, with a cascade
+threshold, cheapest first until the partial ensemble is confident), each batching
+concurrent requests with ``@serve.batch``. ``deployment_mode: single`` keeps every
+encoder inside the ingress replica (no handle hops: the lowest latency for a small
+ensemble on one machine). Either way the ``Ingress`` decodes each image once
+(:mod:`serve.decode`) and combines the features with the artifact's
+:class:`polyclip.ensemble.Ensemble`. HTTP API:
 
 * ``POST /v1/classify``: multipart (field ``file``), JSON ``{"image_base64", "top_k"}``
   or a raw ``image/*`` body; ``top_k`` also as a query or form field. Answers labels,
   probabilities, each backbone's weight for this image, which backbones ran, and latency.
 * ``GET /v1/labels``, ``GET /healthz``, OpenAPI docs at ``/docs`` (``/openapi.json``).
 
-Every bad input gets a 4xx JSON ``{"error", "detail"}`` (see :mod:`serve.validation`).
-When the environment variable named by ``api_key_env`` is set (in the replica, or in the
-process that builds the app, which forwards it), ``/v1/*`` needs ``Authorization: Bearer <key>``.
+Every bad input gets a 4xx JSON ``{"error", "detail", "request_id"}`` (see
+:mod:`serve.validation`); anything unexpected a logged JSON 500 with its request id.
+Auth fails closed (:mod:`serve.auth`): on a non-loopback host the ingress refuses to
+start without a key unless ``allow_unauthenticated`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
+import math
 import time
-from collections.abc import Sequence
-from typing import Any
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polyclip.backbones import create_backbone
-from polyclip.data.images import ImageDecodeError, decode_image
+from polyclip.data.images import ImageDecodeError
 from polyclip.ensemble import Ensemble, load_ensemble
+from serve.auth import check_auth_config, load_api_key
+from serve.decode import DecodeBusyError, ImageTooLargeError, PixelBudget, decode_for_inputs
+from serve.deployments import BackboneEncoder, LocalEncoders, deployment_name, encoder_options
+from serve.encoder import Precision
 from serve.validation import (
     ClassifyRequest,
     RequestError,
@@ -61,7 +69,7 @@ from serve.validation import (
 
 logger = logging.getLogger("ray.serve")
 
-PerBackbone = dict[str, float]
+__all__ = ["AppArgs", "build_app", "deployment_name", "safe_text"]
 
 
 class AppArgs(BaseModel):
@@ -69,97 +77,86 @@ class AppArgs(BaseModel):
 
     Per-backbone settings take one number for every encoder or a mapping
     ``{backbone name: number}`` (names as in the artifact, e.g. ``efficientnet_lite:0``);
-    names not in the mapping get the default.
+    names not in the mapping get the default. The defaults reserve 1 CPU in all for a
+    three-member ensemble, so ``serve run`` and ``serve deploy`` come up on 2 cores.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     artifact: str = Field(..., description="ensemble artifact directory written by jobs.ensemble")
-    api_key_env: str = Field("POLYCLIP_API_KEY", description="environment variable holding the bearer API key")
+    api_key_env: str = Field("POLYCLIP_API_KEY", description="replica environment variable holding the bearer key; "
+                                                             "<api_key_env>_FILE may name a file holding it")
+    api_key_file: str | None = Field(None, description="file holding the key (a mounted Secret), read by the "
+                                                       "replica when neither variable is set")
+    allow_unauthenticated: bool = Field(False, description="serve without a key on a non-loopback host")
+    deployment_mode: Literal["per_backbone", "single"] = Field(
+        "per_backbone", description="one encoder deployment per backbone, or every encoder in the ingress")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (width*height), bombs are 400")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest image (width*height) decoded; 413 above")
+    decode_threads: int = Field(2, gt=0, description="decode thread pool of each ingress replica")
+    decode_budget_pixels: int | None = Field(
+        None, gt=0, description="decoded pixels held at once per ingress replica (default 2 * max_pixels)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per request, from headers to answer (504 after)")
+    body_timeout_s: float = Field(10.0, gt=0, description="to receive the whole body (408 after: slow clients)")
+    max_ongoing_requests: int = Field(32, gt=0, description="requests in one ingress replica at once")
+    max_queued_requests: int = Field(64, ge=-1, description="requests waiting for the ingress; 503 beyond")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After of 503 answers")
     cascade_threshold: float | None = Field(
         None, ge=0, description="stop calling backbones once the partial ensemble's max probability reaches it; "
                                 "null calls every backbone in parallel")
     top_k: int = Field(5, gt=0, description="default number of classes returned")
     num_replicas: int | dict[str, int] = Field(1, description="encoder replicas, one number or per backbone")
-    num_cpus: float | dict[str, float] = Field(1.0, description="CPUs per encoder replica")
-    num_gpus: float | dict[str, float] = Field(0.0, description="GPUs per encoder replica (set 1 where present)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config of every encoder (replaces num_replicas), "
+                          "e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}")
+    num_cpus: float | dict[str, float] = Field(0.25, description="CPUs per encoder replica")
+    num_gpus: float | dict[str, float] = Field(0.0, description="GPUs per encoder replica (1 where present); "
+                                                                "single mode: the ingress's")
+    precision: Precision = Field("auto", description="encoder inference on CUDA: auto (bf16/fp16), fp32, bf16, "
+                                                     "fp16; CPU is always fp32")
     torch_threads: int = Field(1, gt=0, description="intra-op threads per encoder replica")
     ingress_replicas: int = Field(1, gt=0)
-    ingress_num_cpus: float = Field(0.5, ge=0)
+    ingress_num_cpus: float = Field(0.25, ge=0)
     batch_max_size: int = Field(16, gt=0, description="@serve.batch max_batch_size of each encoder")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch batch_wait_timeout_s")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppArgs:
+        budget = self.decode_budget_pixels
+        if budget is not None and budget < self.max_pixels:
+            raise ValueError(f"decode_budget_pixels={budget} is below max_pixels={self.max_pixels}: an image "
+                             "allowed by max_pixels could never be decoded")
+        if self.deployment_mode == "single" and isinstance(self.num_gpus, dict):
+            raise ValueError(f"deployment_mode=single runs every encoder in the ingress: num_gpus must be one "
+                             f"number, got {self.num_gpus}")
+        return self
+
+    @property
+    def budget_pixels(self) -> int:
+        return self.decode_budget_pixels or 2 * self.max_pixels
 
 
-def deployment_name(backbone: str) -> str:
-    """The Serve deployment of one member: ``efficientnet_lite:0`` -> ``Encoder_efficientnet_lite_0``."""
-    return "Encoder_" + re.sub(r"[^A-Za-z0-9_]+", "_", backbone).strip("_")
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes (always encodable as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _per_backbone(value: float | dict[str, Any], name: str, default: float, field: str,
-                  names: Sequence[str]) -> float:
-    if not isinstance(value, dict):
-        return value
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise ValueError(f"{field}: unknown backbones {unknown}; the artifact has {list(names)}")
-    return value.get(name, default)
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: unencodable characters escaped, NaN refused (caught as a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        import json
+
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
 
 
-@serve.deployment
-class BackboneEncoder:
-    """One member backbone: batches of uint8 images -> features.
+class ErrorBody(BaseModel):
+    """Every non-2xx answer of the API."""
 
-    Args:
-        spec: ``create_backbone`` spec from the artifact.
-        image_size: Its input size.
-        num_features: Expected feature dimension (checked against the artifact).
-        batch_max_size, batch_wait_timeout_s: ``@serve.batch`` settings.
-        torch_threads: Intra-op threads.
-    """
-
-    def __init__(self, spec: str, image_size: int | None, num_features: int, batch_max_size: int,
-                 batch_wait_timeout_s: float, torch_threads: int) -> None:
-        torch.set_num_threads(torch_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.backbone = create_backbone(spec, image_size=image_size).eval().to(self.device)
-        if self.backbone.num_features != num_features:
-            raise ValueError(f"backbone {spec!r} gives {self.backbone.num_features} features but the artifact's "
-                             f"head expects {num_features}: the weights differ from the ones it was fitted on")
-        self.encode_batch.set_max_batch_size(batch_max_size)  # type: ignore[attr-defined]
-        self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.stack(images)).to(self.device)
-            features = self.backbone.encode(x).float().cpu().numpy()
-        return list(features)
-
-    async def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Features ``(D,)`` of one ``uint8`` ``(C, S, S)`` image (batched with concurrent calls)."""
-        return await self.encode_batch(image)
-
-
-api = FastAPI(
-    title="polyclip adaptive ensemble",
-    version="1",
-    description="Few-label image classification by an adaptive ensemble of pretrained backbones "
-                "(Rodriguez-Opazo et al. 2024), one Ray Serve deployment per backbone.",
-)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors())
-    return JSONResponse({"error": "invalid_request", "detail": f"invalid fields: {fields}: {exc.errors()}"},
-                        status_code=422)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
+    error: str = Field(description="machine-readable code, e.g. invalid_top_k, image_too_large")
+    detail: str = Field(description="what was wrong, naming the bad value")
+    request_id: str | None = Field(None, description="quote it when reporting a 500")
 
 
 class ClassifyResponse(BaseModel):
@@ -173,36 +170,152 @@ class ClassifyResponse(BaseModel):
     latency_ms: dict[str, float] = Field(description="decode, encode (fan-out), combine and total, server side")
 
 
+class LabelsResponse(BaseModel):
+    """The answer of ``GET /v1/labels``."""
+
+    labels: list[str] = Field(description="class names in label order")
+    backbones: list[str] = Field(description="member backbones in cost order")
+
+
+class HealthResponse(BaseModel):
+    """The answer of ``GET /healthz`` (no key needed; says nothing about labels or auth)."""
+
+    status: Literal["ok"]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    meaning = {400: "bad image, base64, JSON or multipart", 401: "missing or wrong API key",
+               408: "body not received in time", 413: "body or image too large", 415: "wrong content type",
+               422: "bad top_k", 500: "unexpected error (logged with the request id)",
+               503: "busy: queue or decode budget full (Retry-After)", 504: "request timed out"}
+    return {code: {"model": ErrorBody, "description": meaning[code]} for code in codes}
+
+
+api = FastAPI(
+    title="polyclip adaptive ensemble",
+    version="1",
+    description="Few-label image classification by an adaptive ensemble of pretrained backbones "
+                "(Rodriguez-Opazo et al. 2024) on Ray Serve. `/v1/*` needs `Authorization: Bearer <key>` "
+                "when the service has a key.",
+    default_response_class=SafeJSONResponse,
+)
+BEARER = "bearerAuth"
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the bearer scheme (the routes read the header themselves)."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = {
+            "type": "http", "scheme": "bearer", "description": "the service's API key"}
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{BEARER: []}]
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
+
+def _error_response(error: RequestError, request_id: str) -> SafeJSONResponse:
+    return SafeJSONResponse(error.body(request_id), status_code=error.status,
+                            headers={**error.headers, "X-Request-Id": request_id})
+
+
+def _internal_error(exc: BaseException, request_id: str, where: str) -> SafeJSONResponse:
+    logger.error("request %s: unexpected %s in %s: %s", request_id, type(exc).__name__, where, exc,
+                 exc_info=(type(exc), exc, exc.__traceback__))
+    return _error_response(RequestError(500, "internal_error", "unexpected error; it was logged under this "
+                                                               "request_id"), request_id)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+    fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors())
+    return _error_response(RequestError(422, "invalid_request", f"invalid fields: {fields}"), uuid.uuid4().hex)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+    error = RequestError(exc.status_code, "http_error", str(exc.detail), dict(exc.headers or {}))
+    return _error_response(error, uuid.uuid4().hex)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> SafeJSONResponse:
+    return _internal_error(exc, uuid.uuid4().hex, request.url.path)
+
+
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (``None`` when it cannot be read: treated as public)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else str(client.http_config.host)
+    except Exception:  # private API: fail closed
+        return None
+
+
+def _member_inputs(ensemble: Ensemble, artifact: str) -> list[tuple[int, int]]:
+    inputs = []
+    for info in ensemble.backbones:
+        prep = info.preprocessing or {}
+        size = int(prep.get("image_size") or info.image_size or 0)  # type: ignore[call-overload]
+        if size <= 0:
+            raise ValueError(f"artifact {artifact}: backbone {info.name!r} has no image size in its preprocessing")
+        inputs.append((size, 1 if int(prep.get("in_chans", 3)) == 1 else 3))  # type: ignore[call-overload]
+    return inputs
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """HTTP front: validates, decodes, fans out to the encoders and combines."""
+    """HTTP front: authenticates, validates, decodes once, encodes, combines."""
 
-    def __init__(self, artifact: str, encoders: dict[str, DeploymentHandle], options: dict[str, Any]) -> None:
+    def __init__(self, artifact: str, encoders: dict[str, DeploymentHandle] | None, options: dict[str, Any]) -> None:
         torch.set_num_threads(1)
+        self.args = AppArgs.model_validate({"artifact": artifact, **options})
+        self.api_key = load_api_key(self.args.api_key_env, self.args.api_key_file)
+        check_auth_config(self.api_key, _serve_http_host(), self.args.allow_unauthenticated, self.args.api_key_env)
         self.ensemble: Ensemble = load_ensemble(artifact)
         self.names = self.ensemble.backbone_names
-        self.handles = [encoders[name] for name in self.names]
-        self.args = AppArgs.model_validate({"artifact": artifact, **options})
-        self.api_key = os.environ.get(self.args.api_key_env) or None
-        # One decode per distinct (size, channels); members sharing it share the array.
-        self.inputs = []
-        for info in self.ensemble.backbones:
-            prep = info.preprocessing or {}
-            size = int(prep.get("image_size") or info.image_size or 0)  # type: ignore[call-overload]
-            if size <= 0:
-                raise ValueError(f"artifact {artifact}: backbone {info.name!r} has no image size in its preprocessing")
-            self.inputs.append((size, 1 if int(prep.get("in_chans", 3)) == 1 else 3))  # type: ignore[call-overload]
+        self.class_names = [safe_text(name) for name in self.ensemble.class_names]
+        if self.class_names != self.ensemble.class_names:
+            logger.warning("artifact %s: class names with unencodable characters are served escaped", artifact)
+        self.inputs = _member_inputs(self.ensemble, artifact)
+        self.decode_pool = ThreadPoolExecutor(self.args.decode_threads, thread_name_prefix="decode")
+        self.budget = PixelBudget(self.args.budget_pixels)
+        self.local: LocalEncoders | None = None
+        self.handles: list[DeploymentHandle] = []
+        if encoders is None:
+            self.local = LocalEncoders(self.ensemble.backbones, self.args.precision, self.args.torch_threads,
+                                       self.args.batch_max_size, self.args.batch_wait_timeout_s)
+        else:
+            self.handles = [encoders[name] for name in self.names]
         threshold = self.args.cascade_threshold
         if threshold is not None and self.ensemble.cascade_prefixes != list(range(1, len(self.names) + 1)):
             raise ValueError(f"cascade_threshold={threshold} needs a combiner per prefix; the artifact has "
                              f"{self.ensemble.cascade_prefixes}")
 
-    def _decode(self, data: bytes) -> dict[tuple[int, int], np.ndarray]:
-        return {key: decode_image(data, key[0], channels=key[1], max_pixels=self.args.max_pixels)
-                for key in dict.fromkeys(self.inputs)}
+    async def _decode(self, data: bytes, deadline: float) -> dict[tuple[int, int], np.ndarray]:
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, deadline - time.monotonic())
+        call = partial(decode_for_inputs, data, self.inputs, max_pixels=self.args.max_pixels, budget=self.budget,
+                       budget_timeout_s=wait)
+        try:
+            return await loop.run_in_executor(self.decode_pool, call)
+        except ImageTooLargeError as exc:
+            raise RequestError(413, "image_too_large", str(exc)) from None
+        except ImageDecodeError as exc:
+            raise RequestError(400, "bad_image", str(exc)) from None
+        except DecodeBusyError as exc:
+            raise RequestError(503, "busy", str(exc), {"Retry-After": str(math.ceil(self.args.retry_after_s))}
+                               ) from None
 
-    async def _encode(self, b: int, image: np.ndarray) -> torch.Tensor:
+    async def _encode_remote(self, b: int, image: np.ndarray) -> torch.Tensor:
         for attempt in (0, 1):
             try:
                 features = await self.handles[b].remote(image)
@@ -214,36 +327,41 @@ class Ingress:
                 logger.warning("encoder %s replica died during a request; retrying once", self.names[b])
         raise AssertionError("unreachable")
 
-    async def _classify(self, request: ClassifyRequest) -> dict[str, Any]:
+    async def _encode_all(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
+        if self.local is not None:
+            features = await self.local.encode_all(inputs)
+            return [torch.from_numpy(f)[None] for f in features]
+        return list(await asyncio.gather(*(self._encode_remote(b, x) for b, x in enumerate(inputs))))
+
+    async def _encode_one(self, b: int, image: np.ndarray) -> torch.Tensor:
+        if self.local is not None:
+            return torch.from_numpy(await self.local.encode_one(b, image))[None]
+        return await self._encode_remote(b, image)
+
+    async def _classify(self, request: ClassifyRequest, deadline: float) -> dict[str, Any]:
         t0 = time.perf_counter()
-        try:
-            images = await asyncio.to_thread(self._decode, request.image)
-        except ImageDecodeError as exc:
-            status = 413 if "exceeds the limit" in str(exc) else 400
-            code = "image_too_large" if status == 413 else ("empty_image" if "empty" in str(exc) else "bad_image")
-            raise RequestError(status, code, str(exc)) from None
+        images = await self._decode(request.image, deadline)
         t1 = time.perf_counter()
         inputs = [images[key] for key in self.inputs]
         threshold = self.args.cascade_threshold
         with torch.no_grad():
             if threshold is None:
-                features = list(await asyncio.gather(*(self._encode(b, x) for b, x in enumerate(inputs))))
+                features = await self._encode_all(inputs)
                 t2 = time.perf_counter()
                 logits, weights = self.ensemble(features)
             else:
                 features = []
                 for b, x in enumerate(inputs):  # cost order
-                    features.append(await self._encode(b, x))
+                    features.append(await self._encode_one(b, x))
                     logits, weights = self.ensemble(features)
                     if float(torch.softmax(logits, dim=1).max()) >= threshold:
                         break
                 t2 = time.perf_counter()
         probs = torch.softmax(logits[0].float(), dim=0)
-        k = request.top_k or min(self.args.top_k, self.ensemble.num_classes)
-        top = torch.topk(probs, k)
+        top = torch.topk(probs, request.top_k or min(self.args.top_k, self.ensemble.num_classes))
         t3 = time.perf_counter()
         return ClassifyResponse(
-            labels=[self.ensemble.class_names[i] for i in top.indices.tolist()],
+            labels=[self.class_names[i] for i in top.indices.tolist()],
             probabilities=[float(p) for p in top.values],
             backbone_weights={n: float(w) for n, w in zip(self.names, weights[0])},
             backbones_called=self.names[:len(features)],
@@ -251,12 +369,20 @@ class Ingress:
                         "total": 1e3 * (t3 - t0)},
         ).model_dump()
 
+    async def _read_body(self, request: Request) -> bytes:
+        try:
+            return await asyncio.wait_for(read_limited(request.stream(), self.args.max_body_bytes),
+                                          self.args.body_timeout_s)
+        except TimeoutError:
+            raise RequestError(408, "request_timeout", f"the body was not received within "
+                                                       f"{self.args.body_timeout_s} s") from None
+
     async def _parse(self, request: Request) -> ClassifyRequest:
         check_api_key(self.api_key, request.headers.get("authorization"))
         kind = check_content_type(request.headers.get("content-type"))
         limit = self.args.max_body_bytes
         check_declared_length(request.headers.get("content-length"), limit)
-        body = await read_limited(request.stream(), limit)
+        body = await self._read_body(request)
         num_classes = self.ensemble.num_classes
         query_k = request.query_params.get("top_k")
         if kind == "application/json":
@@ -281,55 +407,71 @@ class Ingress:
 
         try:
             form = await Request(request.scope, receive).form(max_files=1, max_fields=8)
-        except Exception as exc:  # python-multipart raises several types for malformed bodies
-            raise RequestError(400, "bad_multipart", f"malformed multipart body: {exc}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise RequestError(400, "missing_image", f"multipart body needs a file field 'file'; got fields "
-                                                     f"{sorted(form.keys())}")
-        data = await upload.read()
-        if not data:
-            raise RequestError(400, "empty_image", "the uploaded file is empty")
-        form_k = form.get("top_k")
-        raw_k = form_k if isinstance(form_k, str) else query_k
-        return ClassifyRequest(data, parse_top_k(raw_k, self.ensemble.num_classes, self.args.top_k), "multipart")
+        except Exception as exc:  # python-multipart and Starlette raise several types for malformed bodies
+            detail = getattr(exc, "detail", None) or str(exc)
+            raise RequestError(400, "bad_multipart", f"malformed multipart body: {str(detail)[:200]}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(400, "missing_image", f"multipart body needs a file field 'file'; got fields "
+                                                         f"{[safe_text(k)[:40] for k in sorted(form.keys())][:8]}")
+            data = await upload.read()
+            if not data:
+                raise RequestError(400, "empty_image", "the uploaded file is empty")
+            form_k = form.get("top_k")
+            raw_k = form_k if isinstance(form_k, str) else query_k
+            return ClassifyRequest(data, parse_top_k(raw_k, self.ensemble.num_classes, self.args.top_k), "multipart")
+        finally:
+            await form.close()
 
     @api.post("/v1/classify", response_model=ClassifyResponse,
-              responses={400: {"description": "bad image, base64, JSON or multipart"},
-                         401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
-                         415: {"description": "wrong content type"}, 422: {"description": "bad top_k"}},
-              openapi_extra={"requestBody": {"content": {
+              responses=_errors(400, 401, 408, 413, 415, 422, 500, 503, 504),
+              openapi_extra={"requestBody": {"required": True, "content": {
                   "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                       "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}}}},
                   "application/json": {"schema": {"type": "object", "required": ["image_base64"], "properties": {
                       "image_base64": {"type": "string"}, "top_k": {"type": "integer"}}}},
                   "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def classify(self, request: Request) -> JSONResponse:
+    async def classify(self, request: Request) -> SafeJSONResponse:
         """Classify one image; ``top_k`` as a query, form or JSON field."""
+        request_id = uuid.uuid4().hex
+        deadline = time.monotonic() + self.args.request_timeout_s
         try:
-            parsed = await self._parse(request)
-            return JSONResponse(await self._classify(parsed))
+            async with asyncio.timeout(self.args.request_timeout_s):
+                parsed = await self._parse(request)
+                answer = await self._classify(parsed, deadline)
+            return SafeJSONResponse(answer, headers={"X-Request-Id": request_id})
         except RequestError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+            return _error_response(exc, request_id)
+        except TimeoutError:
+            return _error_response(RequestError(504, "timeout", f"no answer within {self.args.request_timeout_s} s"),
+                                   request_id)
+        except Exception as exc:
+            return _internal_error(exc, request_id, "/v1/classify")
 
-    @api.get("/v1/labels")
-    async def labels(self, request: Request) -> JSONResponse:
+    @api.get("/v1/labels", response_model=LabelsResponse, responses=_errors(401, 500))
+    async def labels(self, request: Request) -> SafeJSONResponse:
         """Class names in label order, and the member backbones in cost order."""
+        request_id = uuid.uuid4().hex
         try:
             check_api_key(self.api_key, request.headers.get("authorization"))
+            return SafeJSONResponse(LabelsResponse(labels=self.class_names, backbones=self.names).model_dump())
         except RequestError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        return JSONResponse({"labels": self.ensemble.class_names, "backbones": self.names})
+            return _error_response(exc, request_id)
+        except Exception as exc:
+            return _internal_error(exc, request_id, "/v1/labels")
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        """Liveness (no API key needed; reveals no labels)."""
-        return {"status": "ok", "backbones": len(self.names), "cascade_threshold": self.args.cascade_threshold,
-                "auth": self.api_key is not None}
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: no key needed, and nothing revealed (not even whether auth is on)."""
+        return {"status": "ok"}
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
     """The Serve application for an ensemble artifact (``serve run`` / ``serve deploy`` builder).
+
+    The API key is *not* read here: each ingress replica reads it from its own
+    environment or key file (:mod:`serve.auth`), so it never enters the Serve config.
 
     Args:
         args: :class:`AppArgs` or its fields as a dict (``serve run`` passes strings).
@@ -337,29 +479,32 @@ def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
     Raises:
         polyclip.ensemble.EnsembleArtifactError: The artifact is missing or broken (checked
             here, before any replica starts).
-        ValueError: Per-backbone settings name a backbone the artifact lacks.
+        ValueError: Per-backbone settings name a backbone the artifact lacks, or an
+            autoscaling_config Serve rejects.
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     ensemble = load_ensemble(args.artifact)
-    names = ensemble.backbone_names
-    encoders: dict[str, Any] = {}
-    for info in ensemble.backbones:
-        replicas = int(_per_backbone(args.num_replicas, info.name, 1, "num_replicas", names))  # type: ignore[arg-type]
-        cpus = _per_backbone(args.num_cpus, info.name, 1.0, "num_cpus", names)  # type: ignore[arg-type]
-        gpus = _per_backbone(args.num_gpus, info.name, 0.0, "num_gpus", names)  # type: ignore[arg-type]
-        image_size = info.image_size or (info.preprocessing or {}).get("image_size")
-        encoders[info.name] = BackboneEncoder.options(  # type: ignore[attr-defined]
-            name=deployment_name(info.name), num_replicas=replicas,
-            ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-            max_ongoing_requests=max(2 * args.batch_max_size, 8),
-        ).bind(info.spec, image_size, info.num_features, args.batch_max_size, args.batch_wait_timeout_s,
-               args.torch_threads)
-    actor_options: dict[str, Any] = {"num_cpus": args.ingress_num_cpus}
-    key = os.environ.get(args.api_key_env)
-    if key:  # forward the builder's key (serve run) to the ingress replicas
-        actor_options["runtime_env"] = {"env_vars": {args.api_key_env: key}}
     options = args.model_dump(exclude={"artifact"})
-    return Ingress.options(  # type: ignore[attr-defined]
-        num_replicas=args.ingress_replicas, ray_actor_options=actor_options, max_ongoing_requests=256,
-    ).bind(os.path.abspath(args.artifact), encoders, options)
+    ingress_options: dict[str, Any] = {
+        "num_replicas": args.ingress_replicas, "max_ongoing_requests": args.max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "ray_actor_options": {"num_cpus": args.ingress_num_cpus},
+    }
+    try:
+        from ray.serve.config import BackpressureConfig
+
+        ingress_options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
+    except ImportError:  # pragma: no cover - older Serve: 503 without Retry-After
+        pass
+    encoders: dict[str, Any] | None = None
+    if args.deployment_mode == "single":
+        ingress_options["ray_actor_options"]["num_gpus"] = float(args.num_gpus)  # type: ignore[arg-type]
+    else:
+        encoders = {info.name: BackboneEncoder.options(  # type: ignore[attr-defined]
+            **encoder_options(args, info, ensemble.backbone_names)).bind(
+                info.spec, info.image_size or (info.preprocessing or {}).get("image_size"), info.num_features,
+                args.batch_max_size, args.batch_wait_timeout_s, args.torch_threads, args.precision)
+            for info in ensemble.backbones}
+    return Ingress.options(**ingress_options).bind(  # type: ignore[attr-defined]
+        str(Path(args.artifact).resolve()), encoders, options)
