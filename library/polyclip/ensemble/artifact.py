@@ -2,15 +2,20 @@
 
 Layout (written atomically with :func:`polyclip.io.atomic_directory`)::
 
-    <dir>/ensemble.json   format version, backbones in cost order (spec, image size,
-                          preprocessing, feature dim), class names, head kinds, combiner
-                          options, cascade prefixes, protocol and training metadata,
-                          SHA-256 of the two tensor files
-    <dir>/heads.pt        per backbone: weight (C, D), bias (C,), logit_scale ()
-    <dir>/combiner.pt     per cascade prefix k: the combiner's state dict
+    <dir>/ensemble.json          format version, backbones in cost order (spec, image
+                                 size, preprocessing, feature dim), class names, head
+                                 kinds, combiner options, cascade prefixes, protocol and
+                                 training metadata, SHA-256 of the two tensor files
+    <dir>/heads.safetensors      per backbone ``b``: ``b.weight`` (C, D), ``b.bias`` (C,),
+                                 ``b.logit_scale`` ()
+    <dir>/combiner.safetensors   per cascade prefix ``k``: ``k.<state dict key>``
 
-Tensor files are loaded with ``weights_only=True``. Anything missing, truncated or
-inconsistent raises :class:`EnsembleArtifactError` naming the file and the problem.
+Tensors are stored as safetensors (format 2): loading them runs no code, unlike a pickle.
+Format 1 artifacts (``heads.pt``, ``combiner.pt``) are still read, with
+``torch.load(weights_only=True)``. Every tensor file's SHA-256 is checked against
+``ensemble.json`` before it is read; a missing checksum is an error. Anything missing,
+truncated or inconsistent raises :class:`EnsembleArtifactError` naming the file and the
+problem.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from polyclip.ensemble.combiner import TemperatureCombiner
 from polyclip.ensemble.heads import LinearHead
 from polyclip.ensemble.model import BackboneInfo, Ensemble
 from polyclip.io import atomic_directory
 
-FORMAT_VERSION = 1
-JSON_FILE, HEADS_FILE, COMBINER_FILE = "ensemble.json", "heads.pt", "combiner.pt"
+FORMAT_VERSION = 2
+JSON_FILE, HEADS_FILE, COMBINER_FILE = "ensemble.json", "heads.safetensors", "combiner.safetensors"
+#: Tensor files of each format version this polyclip reads.
+TENSOR_FILES = {1: ("heads.pt", "combiner.pt"), 2: (HEADS_FILE, COMBINER_FILE)}
 
 
 class EnsembleArtifactError(ValueError):
@@ -54,12 +62,14 @@ def save_ensemble(path: str | os.PathLike[str], ensemble: Ensemble) -> Path:
     Returns:
         ``path``.
     """
-    heads = [{"weight": h.weight.detach().cpu().clone(), "bias": h.bias.detach().cpu().clone(),
-              "logit_scale": h.logit_scale.detach().cpu().clone()} for h in ensemble.head_list]
-    combiners = {str(c.num_backbones): c.state_dict() for c in ensemble.combiner_list}
+    heads = {f"{b}.{name}": tensor.detach().cpu().contiguous().clone()
+             for b, h in enumerate(ensemble.head_list)
+             for name, tensor in (("weight", h.weight), ("bias", h.bias), ("logit_scale", h.logit_scale))}
+    combiners = {f"{c.num_backbones}.{key}": tensor.detach().cpu().contiguous().clone()
+                 for c in ensemble.combiner_list for key, tensor in c.state_dict().items()}
     with atomic_directory(path) as tmp:
-        torch.save(heads, tmp / HEADS_FILE)
-        torch.save(combiners, tmp / COMBINER_FILE)
+        save_file(heads, str(tmp / HEADS_FILE))
+        save_file(combiners, str(tmp / COMBINER_FILE))
         meta = {
             "format_version": FORMAT_VERSION,
             "backbones": [b.to_dict() for b in ensemble.backbones],
@@ -102,26 +112,47 @@ def _read_json(folder: Path) -> dict[str, Any]:
                if k not in meta]
     if missing:
         raise EnsembleArtifactError(f"{file} lacks keys {missing}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise EnsembleArtifactError(f"{file}: format_version {meta['format_version']} is not supported "
-                                    f"(this polyclip reads {FORMAT_VERSION})")
+    if meta["format_version"] not in TENSOR_FILES:
+        raise EnsembleArtifactError(f"{file}: format_version {meta['format_version']!r} is not supported "
+                                    f"(this polyclip reads {sorted(TENSOR_FILES)})")
+    if not isinstance(meta["sha256"], dict):
+        raise EnsembleArtifactError(f"{file}: sha256 must map file names to checksums")
     return meta
 
 
-def _load_tensors(folder: Path, name: str, expected_sha: str | None) -> Any:
+def _load_tensors(folder: Path, name: str, expected_sha: Any) -> Any:
     file = folder / name
     if not file.is_file():
         raise EnsembleArtifactError(f"{file} is missing from the ensemble artifact")
-    if expected_sha is not None and _sha256(file) != expected_sha:
+    if not isinstance(expected_sha, str) or not expected_sha:
+        raise EnsembleArtifactError(f"{folder / JSON_FILE} has no SHA-256 for {name}: refusing to load an "
+                                    "unchecked tensor file")
+    if _sha256(file) != expected_sha:
         raise EnsembleArtifactError(f"{file} is corrupt: its SHA-256 differs from the one in {JSON_FILE}")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged pickles/zips
+        if name.endswith(".safetensors"):
+            return load_file(str(file), device="cpu")
+        return torch.load(file, map_location="cpu", weights_only=True)  # format 1: no arbitrary pickles
+    except Exception as exc:  # torch and safetensors raise many types for damaged files
         raise EnsembleArtifactError(f"{file} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
+def _split_v2(heads_flat: dict[str, torch.Tensor], combiners_flat: dict[str, torch.Tensor],
+              n_heads: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """Format 2's flat ``b.name`` / ``k.key`` tensors -> format 1's heads list and combiners dict."""
+    heads = [{name: heads_flat[f"{b}.{name}"] for name in ("weight", "bias", "logit_scale")} for b in range(n_heads)]
+    extra = sorted(set(heads_flat) - {f"{b}.{n}" for b in range(n_heads) for n in ("weight", "bias", "logit_scale")})
+    if extra:
+        raise KeyError(f"unexpected head tensors {extra}")
+    combiners: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in combiners_flat.items():
+        prefix, _, name = key.partition(".")
+        combiners.setdefault(prefix, {})[name] = tensor
+    return heads, combiners
+
+
 def load_ensemble(path: str | os.PathLike[str]) -> Ensemble:
-    """Load an artifact written by :func:`save_ensemble`.
+    """Load an artifact written by :func:`save_ensemble` (format 2, or format 1's ``.pt`` files).
 
     Raises:
         EnsembleArtifactError: Missing directory or file, invalid JSON, checksum mismatch,
@@ -129,9 +160,13 @@ def load_ensemble(path: str | os.PathLike[str]) -> Ensemble:
     """
     folder = Path(path)
     meta = _read_json(folder)
-    heads_raw = _load_tensors(folder, HEADS_FILE, meta["sha256"].get(HEADS_FILE))
-    combiners_raw = _load_tensors(folder, COMBINER_FILE, meta["sha256"].get(COMBINER_FILE))
+    version = meta["format_version"]
+    heads_name, combiner_name = TENSOR_FILES[version]
+    heads_raw = _load_tensors(folder, heads_name, meta["sha256"].get(heads_name))
+    combiners_raw = _load_tensors(folder, combiner_name, meta["sha256"].get(combiner_name))
     try:
+        if version >= 2:
+            heads_raw, combiners_raw = _split_v2(heads_raw, combiners_raw, len(meta["head_kinds"]))
         backbones = [BackboneInfo.from_dict(b) for b in meta["backbones"]]
         heads = [LinearHead(h["weight"], h["bias"], float(h["logit_scale"]), kind=kind)
                  for h, kind in zip(heads_raw, meta["head_kinds"], strict=True)]
