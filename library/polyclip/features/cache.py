@@ -3,8 +3,9 @@
 Probes, pseudo-label teachers, distillation targets and the ensemble all read features
 from here. The key is a hash of (backbone spec, preprocessing, dataset fingerprint,
 pool, indices), so a second identical run loads instead of re-encoding, and any change
-that alters the features changes the key. Parallel encoding across a Ray cluster lives
-in ``jobs/features.py``; this module is Ray-free.
+that alters the features changes the key. Entries live in the sharded
+:class:`~polyclip.features.store.FeatureStore`. Encoding through Ray Data across a
+cluster lives in ``jobs/features.py``; this module is Ray-free.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from polyclip.backbones.base import Backbone
-from polyclip.io import atomic_write_json, atomic_write_with
+from polyclip.features.store import FeatureStore, ShardError
 from polyclip.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -37,38 +38,50 @@ def feature_key(backbone_spec: str, preprocessing_key: str, dataset_fingerprint:
 
 
 class FeatureCache:
-    """Features stored as ``<root>/<key>.npy`` with a ``<key>.json`` description.
+    """The feature store at ``root``, with the whole-array ``get``/``put`` of the old cache.
+
+    Entries are sharded folders (:class:`~polyclip.features.store.FeatureStore`); a
+    ``<root>/<key>.npy`` left by an older polyclip is still read.
 
     Args:
-        root: Cache folder (created on first write).
+        root: Cache folder or URI (``s3://bucket/prefix``); created on first write.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.store = FeatureStore(root)
+        self.root = self.store.root
 
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.npy"
+    def path(self, key: str) -> str:
+        """Where entry ``key`` lives (a folder of shards), for logs."""
+        return self.store.uri(key)
 
     def get(self, key: str) -> np.ndarray | None:
         """Cached features, or ``None``. A damaged entry is reported and treated as missing."""
-        path = self.path(key)
-        if not path.exists():
+        entry = self.store.open(key)
+        if entry is not None:
+            try:
+                return entry.to_numpy()
+            except ShardError as exc:
+                logger.warning("feature cache entry %s is damaged (%s); re-encoding", self.path(key), exc)
+                return None
+        return self.legacy_get(key)
+
+    def legacy_get(self, key: str) -> np.ndarray | None:
+        """An old single-file entry ``<root>/<key>.npy`` on a local root, or ``None``."""
+        if self.store.fs.type_name != "local":
+            return None
+        path = Path(self.store.base) / f"{key}.npy"
+        if not path.is_file():
             return None
         try:
-            return np.load(path, mmap_mode=None, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # a zero-byte file raises EOFError
             logger.warning("feature cache entry %s is unreadable (%s); re-encoding", path, exc)
             return None
 
-    def put(self, key: str, features: np.ndarray, meta: dict[str, object]) -> Path:
-        """Store features (atomically) with their description."""
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.save(handle, features.astype(np.float32, copy=False), allow_pickle=False)
-
-        atomic_write_with(self.path(key), write)
-        atomic_write_json(self.root / f"{key}.json", {**meta, "shape": list(features.shape)})
+    def put(self, key: str, features: np.ndarray, meta: dict[str, object]) -> str:
+        """Store features (shard by shard, index last) with their description."""
+        self.store.write_array(key, np.asarray(features, dtype=np.float32), dict(meta))
         return self.path(key)
 
 

@@ -19,8 +19,17 @@ def test_cache_round_trip_and_damaged_entry(tmp_path):
     feats = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     cache.put("k", feats, {"backbone": "x"})
     assert np.array_equal(cache.get("k"), feats)
-    cache.path("k").write_bytes(b"garbage")
+    (tmp_path / "k" / "part-00000.npy").write_bytes(b"garbage")
     assert cache.get("k") is None  # damaged entries are re-encoded, not crashed on
+
+
+def test_old_single_file_entries_are_read_and_a_zero_byte_one_is_not_a_crash(tmp_path):
+    cache = FeatureCache(tmp_path)
+    feats = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.save(tmp_path / "old.npy", feats, allow_pickle=False)
+    assert np.array_equal(cache.get("old"), feats)
+    (tmp_path / "empty.npy").write_bytes(b"")  # used to raise EOFError out of the job
+    assert cache.get("empty") is None
 
 
 def test_encode_images_matches_the_backbone_batchwise():
