@@ -112,7 +112,7 @@ class IngestStats:
         """``{"skipped": n, "by_reason": {reason: n}, "paths": [{"path", "reason", "error"}, ...]}``."""
         import ray
 
-        summary: dict[str, Any] = ray.get(self.actor.summary.remote())
+        summary: Any = ray.get(self.actor.summary.remote())
         return summary
 
 
