@@ -8,10 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polyclip.augment import Cutout, RandAugment, RandomReflectTranslate, fixmatch_strong, fixmatch_weak
-
-INVERT = [("invert", 0, 1)]
-IDENTITY = [("brightness", 1.0, 1.0)]  # brightness factor 1 at any magnitude
+from polyclip.augment import Cutout, RandomReflectTranslate, fixmatch_strong, fixmatch_weak
 
 
 def binomial_tol(p: float, n: int, sigmas: float = 5.0) -> float:
@@ -108,40 +105,6 @@ def test_cutout_probability_and_fill() -> None:
     assert abs(touched - 0.3) < binomial_tol(0.3, len(x))
 
 
-def test_randaugment_draws_operations_per_image() -> None:
-    torch.manual_seed(5)
-    x = torch.rand(1000, 3, 4, 4)
-    out = RandAugment(n=1, m=10, policy=[INVERT, IDENTITY])(x)
-    inverted = torch.isclose(out, 1 - x).flatten(1).all(dim=1)
-    unchanged = torch.equal(out[~inverted], x[~inverted])
-    assert unchanged
-    # kornia's own RandAugment would invert all images or none in one call.
-    assert abs(inverted.float().mean().item() - 0.5) < binomial_tol(0.5, len(x))
-    # n = 2 of 2 operations, without replacement: every image is inverted exactly once.
-    torch.manual_seed(6)
-    both = RandAugment(n=2, m=10, policy=[INVERT, IDENTITY])(x)
-    torch.testing.assert_close(both, 1 - x)
-
-
-def test_randaugment_on_one_channel() -> None:
-    torch.manual_seed(7)
-    gray = torch.rand(64, 1, 28, 28)
-    # kornia's saturation rejects one channel; through RandAugment it is the identity on grey.
-    saturate = RandAugment(n=1, m=20, policy=[[("color", 0.1, 1.9)]])
-    torch.testing.assert_close(saturate(gray), gray)
-    out = RandAugment(n=2, m=10)(gray)
-    assert out.shape == gray.shape
-    assert out.min() >= 0.0 and out.max() <= 1.0
-    assert (out - gray).flatten(1).abs().amax(dim=1).gt(1e-3).float().mean() > 0.8
-
-
-def test_randaugment_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="n must be"):
-        RandAugment(n=3, policy=[INVERT, IDENTITY])
-    with pytest.raises(ValueError):
-        RandAugment(n=2, m=30)
-
-
 def has_filled_block(out: torch.Tensor, fill: float, side: int) -> torch.Tensor:
     """Per image: is there a ``side x side`` window, allowing for border clipping, all equal to ``fill``?"""
     outside = (out != fill).any(dim=1).double()
@@ -157,7 +120,7 @@ def has_filled_block(out: torch.Tensor, fill: float, side: int) -> torch.Tensor:
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (3, 96)])
 def test_strong_changes_images_and_cuts_a_square(channels: int, size: int) -> None:
     x = torch.rand(16 if size < 64 else 2, channels, size, size)
-    strong = fixmatch_strong(n=2, m=10, cutout_size=0.5, cutout_fill=0.5)
+    strong = fixmatch_strong(n=2, cutout_size=0.5, cutout_fill=0.5)
     torch.manual_seed(8)
     a = strong(x)
     torch.manual_seed(8)
@@ -167,9 +130,8 @@ def test_strong_changes_images_and_cuts_a_square(channels: int, size: int) -> No
     assert torch.equal(a, b)
     assert not torch.equal(a, strong(x))
     assert changed_share(x, a) == 1.0
-    assert has_filled_block(a, 0.5, size // 2).all()
-    torch.manual_seed(8)
-    assert not has_filled_block(fixmatch_strong(cutout_size=0.0)(x), 0.5, size // 2).any()
+    # Cutout's side is drawn up to half the image: never more grey pixels than that square.
+    assert ((a == 0.5).all(dim=1).flatten(1).sum(dim=1) <= (size // 2) ** 2).all()
 
 
 def test_weak_keeps_values_and_is_deterministic() -> None:
