@@ -41,10 +41,10 @@ def _collect(ds) -> dict[str, np.ndarray]:
     return {key: value[order] for key, value in out.items()}
 
 
-def _check_decoded(table, got, size, class_names=None):
+def _check_decoded(table, got, size, class_names=None, s3=None):
     paths = table.column("path").to_pylist()
     for row, image in zip(got["row"], got["image"]):
-        np.testing.assert_array_equal(image, decode_image(open_file(paths[row]), size))
+        np.testing.assert_array_equal(image, decode_image(open_file(paths[row], s3=s3), size))
     if class_names is not None:
         labels = table.column("label").to_pylist()
         assert [class_names.index(labels[r]) for r in got["row"]] == got["label"].tolist()
@@ -135,3 +135,34 @@ def test_s3_bad_credentials_and_missing_prefix_fail_before_work(s3_server):  # n
     s3 = S3Options.from_env(s3_server.env())
     with pytest.raises(SourceError, match=r"s3://photos/absent: no such folder or prefix \(endpoint http://127"):
         list_images("s3://photos/absent", labeled=False, s3=s3)
+
+
+@pytest.fixture()
+def two_node_cluster(_ray_session):
+    """A head that runs no tasks (0 CPUs) and one 2-CPU worker node; ours alone, shut down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.runtime import project_runtime_env
+
+    ray.shutdown()  # the session's shared local cluster, if a previous test started one
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"decoder_node": 2})
+    ray.init(address=cluster.address, runtime_env=project_runtime_env(), logging_level="WARNING")
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_two_node_cluster_decodes_from_s3_on_the_worker_node(two_node_cluster, s3_server, photos):  # noqa: F811
+    root, _ = photos
+    upload_folder(s3_server, root, "multinode/pool")
+    s3 = S3Options.from_env(s3_server.env())
+    table = list_images("s3://multinode/pool", labeled=False, s3=s3)
+    assert table.num_rows == GOOD + BAD and table.column("label").null_count == table.num_rows
+    stats = IngestStats.create()
+    got = _collect(image_dataset(table, 24, stats=stats, s3=s3))  # the head has no CPU: tasks ran elsewhere
+    assert len(got["row"]) == GOOD and stats.summary()["skipped"] == BAD
+    _check_decoded(table, got, 24, s3=s3)
