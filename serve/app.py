@@ -219,9 +219,19 @@ def _openapi() -> dict[str, Any]:
 api.openapi = _openapi  # type: ignore[method-assign]
 
 
+def _request_id() -> str:
+    """Serve's id of the current request (its proxy returns it as ``X-Request-Id`` and logs it)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        request_id = _get_serve_request_context().request_id
+    except Exception:  # private API: a fresh id still ties the answer to the log line
+        request_id = ""
+    return request_id or uuid.uuid4().hex
+
+
 def _error_response(error: RequestError, request_id: str) -> SafeJSONResponse:
-    return SafeJSONResponse(error.body(request_id), status_code=error.status,
-                            headers={**error.headers, "X-Request-Id": request_id})
+    return SafeJSONResponse(error.body(request_id), status_code=error.status, headers=error.headers)
 
 
 def _internal_error(exc: BaseException, request_id: str, where: str) -> SafeJSONResponse:
@@ -234,18 +244,18 @@ def _internal_error(exc: BaseException, request_id: str, where: str) -> SafeJSON
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
     fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors())
-    return _error_response(RequestError(422, "invalid_request", f"invalid fields: {fields}"), uuid.uuid4().hex)
+    return _error_response(RequestError(422, "invalid_request", f"invalid fields: {fields}"), _request_id())
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
     error = RequestError(exc.status_code, "http_error", str(exc.detail), dict(exc.headers or {}))
-    return _error_response(error, uuid.uuid4().hex)
+    return _error_response(error, _request_id())
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> SafeJSONResponse:
-    return _internal_error(exc, uuid.uuid4().hex, request.url.path)
+    return _internal_error(exc, _request_id(), request.url.path)
 
 
 def _serve_http_host() -> str | None:
@@ -405,6 +415,10 @@ class Ingress:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
+        if boundary and b"--" + boundary.encode("latin-1", "replace") + b"--" not in body:
+            # python-multipart quietly returns an empty form for a body cut short
+            raise RequestError(400, "bad_multipart", "multipart body is truncated: its closing boundary is missing")
         try:
             form = await Request(request.scope, receive).form(max_files=1, max_fields=8)
         except Exception as exc:  # python-multipart and Starlette raise several types for malformed bodies
@@ -434,13 +448,13 @@ class Ingress:
                   "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
     async def classify(self, request: Request) -> SafeJSONResponse:
         """Classify one image; ``top_k`` as a query, form or JSON field."""
-        request_id = uuid.uuid4().hex
+        request_id = _request_id()
         deadline = time.monotonic() + self.args.request_timeout_s
         try:
             async with asyncio.timeout(self.args.request_timeout_s):
                 parsed = await self._parse(request)
                 answer = await self._classify(parsed, deadline)
-            return SafeJSONResponse(answer, headers={"X-Request-Id": request_id})
+            return SafeJSONResponse(answer)
         except RequestError as exc:
             return _error_response(exc, request_id)
         except TimeoutError:
@@ -452,7 +466,7 @@ class Ingress:
     @api.get("/v1/labels", response_model=LabelsResponse, responses=_errors(401, 500))
     async def labels(self, request: Request) -> SafeJSONResponse:
         """Class names in label order, and the member backbones in cost order."""
-        request_id = uuid.uuid4().hex
+        request_id = _request_id()
         try:
             check_api_key(self.api_key, request.headers.get("authorization"))
             return SafeJSONResponse(LabelsResponse(labels=self.class_names, backbones=self.names).model_dump())
