@@ -25,6 +25,8 @@ Outputs under ``<output_dir>/<name>/``: ``best_config.yaml`` (runnable with
 ``python -m jobs.train --config``), ``trials.csv``, ``metric_per_trial.png``,
 ``param_effects.png``, ``summary.md``, ``sweep.yaml``; Tune's experiment (with
 TensorBoard event files: ``tensorboard --logdir <storage_path>``) under the storage path.
+The base job's ``run.loggers`` pick Tune's logger callbacks (:func:`tune_logger_callbacks`):
+W&B runs go to ``wandb/`` and MLflow's file store to ``mlruns/`` in the sweep folder.
 """
 
 from __future__ import annotations
@@ -435,7 +437,8 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
                 num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=tune_logger_callbacks(base_cfg.run.loggers, sweep_dir, sweep.name)),
         )
     results = tuner.fit()
     records = collect_records(results, list(sweep.space))
@@ -444,6 +447,42 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
                     "shared_payload": not touched, "seconds": round(time.perf_counter() - t0, 2)})
     atomic_write_text(sweep_dir / "result.json", json.dumps(outputs, indent=2, default=str))
     return outputs
+
+
+def tune_logger_callbacks(names: list[str], log_dir: str | os.PathLike[str], experiment: str) -> list[Any]:
+    """Tune's own logger callbacks for the base job's ``run.loggers`` (one run per trial).
+
+    ``tensorboard``: ``TBXLoggerCallback`` (event files in each trial's folder under the
+    storage path); ``wandb``: ``WandbLoggerCallback``, offline unless ``WANDB_MODE`` says
+    otherwise, into ``<log_dir>/wandb``, grouped by sweep; ``mlflow``:
+    ``MLflowLoggerCallback`` into ``MLFLOW_TRACKING_URI`` or the file store
+    ``<log_dir>/mlruns``, one experiment per sweep.
+    """
+    from polyclip.tracking import LOGGER_NAMES, mlflow_tracking_uri
+
+    unknown = [name for name in names if name not in LOGGER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {unknown}; valid: {', '.join(LOGGER_NAMES)}")
+    callbacks: list[Any] = []
+    if "tensorboard" in names:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if "wandb" in names:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        os.environ.setdefault("WANDB_MODE", "offline")  # Ray asks for an API key unless W&B is offline
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "polyclip"), group=experiment,
+                                             mode=os.environ["WANDB_MODE"], dir=str(Path(log_dir).resolve())))
+    if "mlflow" in names:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = mlflow_tracking_uri(log_dir)
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment))
+    return callbacks
 
 
 def pbt_perturbations(experiment: str) -> list[dict[str, Any]]:

@@ -127,3 +127,56 @@ def test_all_three_together_close_cleanly(tmp_path, monkeypatch):
     for logger in loggers:
         logger.close()  # a second close is harmless
     assert {p.name for p in tmp_path.iterdir()} == {"tensorboard", "wandb", "mlruns"}
+
+
+def _tiny_sweep(tmp_path, monkeypatch, loggers):
+    """A real two-trial Tune run with jobs.sweep's callbacks for ``loggers``; its results."""
+    from ray import tune
+
+    from jobs.sweep import tune_logger_callbacks
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match=r"unknown logger\(s\) \['neptune'\]"):
+        tune_logger_callbacks(["neptune"], tmp_path, "s")
+
+    def trial(config):
+        for epoch in range(1, 3):
+            tune.report({"epoch": epoch, "val_acc": config["lr"] * epoch})
+
+    callbacks = tune_logger_callbacks(loggers, tmp_path / "sweep", "tiny-sweep")
+    results = tune.Tuner(
+        trial, param_space={"lr": tune.grid_search([0.1, 0.2])},
+        run_config=tune.RunConfig(name="tiny-sweep", storage_path=str(tmp_path / "storage"), callbacks=callbacks),
+    ).fit()
+    assert not results.errors
+    return results
+
+
+def test_sweep_tensorboard_and_mlflow_callbacks_record_every_trial(ray_cluster, tmp_path, monkeypatch):
+    """jobs.sweep's Tune callbacks for run.loggers, through a real Tune run."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = _tiny_sweep(tmp_path, monkeypatch, ["tensorboard", "mlflow"])
+    # TensorBoard: events in each trial's folder.
+    for result in results:
+        events = EventAccumulator(result.path)
+        events.Reload()
+        lr = result.config["lr"]
+        assert [round(e.value, 6) for e in events.Scalars("ray/tune/val_acc")] == [round(lr, 6), round(2 * lr, 6)]
+    # MLflow: one run per trial in the sweep's experiment, with the trial's lr as a param.
+    client = MlflowClient(tracking_uri=f"file:{(tmp_path / 'sweep' / 'mlruns').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
+    assert sorted(float(r.data.params["lr"]) for r in runs) == [0.1, 0.2]
+    assert sorted(r.data.metrics["val_acc"] for r in runs) == pytest.approx([0.2, 0.4])
+
+
+@pytest.mark.slow
+def test_sweep_wandb_callback_writes_one_offline_run_per_trial(ray_cluster, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    _tiny_sweep(tmp_path, monkeypatch, ["wandb"])
+    assert len(list((tmp_path / "sweep" / "wandb").glob("offline-run-*"))) == 2
