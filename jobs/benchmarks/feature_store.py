@@ -1,0 +1,141 @@
+"""Feature store: Ray Data encoding vs the old actor path, and cache hit vs miss.
+
+On real Fashion-MNIST train images with the packaged EfficientNet-Lite0, medians over
+``--repeats`` runs on a local Ray cluster:
+
+- **old actor path**: main's encoding before the store (``ray.remote(num_cpus=1)`` actors,
+  chunks of 250 images sent by the driver, the result concatenated on the driver);
+- **Ray Data path**: ``jobs.features.encode_dataset`` (``map_batches`` over an actor pool
+  with fractional CPUs, shards written as they arrive) into a fresh store entry;
+- **cache**: ``cached_features`` once on a miss, then hits that read the shards back.
+
+Usage::
+
+    python -m jobs.benchmarks.feature_store [--images 2000] [--image-size 112] [--repeats 3] [--workers 2]
+
+Writes ``runs/benchmarks/feature_store/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.benchmarks.common import command_line, median, out_dir
+from jobs.runtime import init_ray, setup_logging
+from polyclip.data.datasets import load_dataset
+from polyclip.features import FeatureCache, FeatureStore
+
+SPEC = "efficientnet_lite:0"
+
+
+class _OldEncoder:
+    """main's encoder actor before the store: one backbone, one thread, chunks in, features out."""
+
+    def __init__(self, spec: str, image_size: int | None) -> None:
+        import torch
+
+        from polyclip.backbones import create_backbone
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        self.backbone = create_backbone(spec, image_size=image_size)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        from polyclip.features import encode_images
+
+        return encode_images(self.backbone, images, batch_size=100)
+
+
+def old_actor_path(images: np.ndarray, image_size: int, workers: int, chunk: int = 250) -> np.ndarray:
+    """The pre-store ``cached_features`` miss: actors pulled chunk by chunk from the driver."""
+    import ray
+
+    actor_cls: Any = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(_OldEncoder)
+    actors = [actor_cls.remote(SPEC, image_size) for _ in range(workers)]
+    starts = list(range(0, len(images), chunk))
+    queue = list(starts)
+    results: dict[int, np.ndarray] = {}
+    pending: dict[Any, tuple[int, Any]] = {}
+    try:
+        for actor in actors:
+            if queue:
+                s = queue.pop(0)
+                pending[actor.encode.remote(images[s : s + chunk])] = (s, actor)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            s, actor = pending.pop(ref)
+            results[s] = ray.get(ref)
+            if queue:
+                nxt = queue.pop(0)
+                pending[actor.encode.remote(images[nxt : nxt + chunk])] = (nxt, actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return np.concatenate([results[s] for s in starts])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--store", default=None, help="store root (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    init_ray()
+    from jobs.features import cached_features, encode_dataset, images_dataset
+
+    dataset = load_dataset("fashion_mnist")
+    images = np.ascontiguousarray(dataset.train.images[: args.images])
+    n = len(images)
+    root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="feature_store_bench_"))
+    timings: dict[str, list[float]] = {"old_actor_path": [], "ray_data_path": [], "cache_hit": []}
+    reference = None
+    for repeat in range(args.repeats):
+        t0 = time.perf_counter()
+        old = old_actor_path(images, args.image_size, args.workers)
+        timings["old_actor_path"].append(time.perf_counter() - t0)
+        reference = old if reference is None else reference
+
+        store = FeatureStore(root / f"encode-{repeat}")
+        t0 = time.perf_counter()
+        entry = encode_dataset(images_dataset(images), SPEC, args.image_size, store, "bench", use_gpu=False,
+                               batch_size=args.batch_size, concurrency=args.workers, num_rows=n)
+        timings["ray_data_path"].append(time.perf_counter() - t0)
+        max_diff = float(np.abs(entry.to_numpy() - reference).max())
+
+    stats: dict[str, Any] = {}
+    cache = FeatureCache(root / "cache")
+    indices = np.arange(n)
+    for _ in range(1 + args.repeats):  # one miss, then hits
+        cached_features(cache, SPEC, args.image_size, dataset.fingerprint, dataset.spec, "train", indices, images,
+                        num_workers=args.workers, stats=stats)
+    calls = stats[SPEC]
+    miss_s = calls[0]["seconds"]
+    timings["cache_hit"] = [c["seconds"] for c in calls[1:]]
+    old_s, new_s, hit_s = (median(timings[k]) for k in ("old_actor_path", "ray_data_path", "cache_hit"))
+    results = {
+        "command": command_line(), "backbone": SPEC, "image_size": args.image_size, "images": n,
+        "workers": args.workers, "repeats": args.repeats,
+        "old_actor_path_images_per_s": round(n / old_s, 1), "ray_data_path_images_per_s": round(n / new_s, 1),
+        "ray_data_vs_old": round(old_s / new_s, 3),
+        "cache_miss_s": miss_s, "cache_hit_s": round(hit_s, 3), "hit_over_miss": round(hit_s / miss_s, 4),
+        "max_abs_diff_vs_old_path": max_diff, "seconds": {k: [round(v, 3) for v in vs] for k, vs in timings.items()},
+    }
+    path = out_dir("feature_store") / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

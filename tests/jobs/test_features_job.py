@@ -1,0 +1,114 @@
+"""``jobs.features``: Ray Data encoding into the feature store on a real 2-CPU cluster.
+
+Real Fashion-MNIST images, the packaged EfficientNet-Lite0 at 64 px (small enough to
+keep each encode to a few seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from jobs.features import BatchEncoder, cached_features, cpu_share, encode_dataset, images_dataset
+from polyclip.backbones import create_backbone
+from polyclip.features import FeatureCache, FeatureStore, encode_images
+
+SPEC, SIZE, N, SHARD = "efficientnet_lite:0", 64, 160, 48
+
+
+@pytest.fixture(scope="module")
+def images(fashion_mnist):
+    return np.ascontiguousarray(fashion_mnist.train.images[:N])
+
+
+@pytest.fixture(scope="module")
+def reference(images):
+    import torch
+
+    torch.manual_seed(0)
+    return encode_images(create_backbone(SPEC, image_size=SIZE), images, batch_size=64)
+
+
+def _items_dataset(images: np.ndarray, order: np.ndarray):
+    import ray.data
+
+    # Rows arrive out of order: the store must place them by `row`, not by arrival.
+    return ray.data.from_items([{"row": int(i), "image": images[i]} for i in order], override_num_blocks=8)
+
+
+def test_ray_data_encode_equals_in_process_and_resumes(ray_cluster, tmp_path, images, reference):
+    store = FeatureStore(tmp_path / "store", shard_rows=SHARD)
+    order = np.random.default_rng(0).permutation(N)
+    stats: dict = {}
+    entry = encode_dataset(_items_dataset(images, order), SPEC, SIZE, store, "k", use_gpu=False, batch_size=32,
+                           concurrency=2, num_rows=N, stats=stats)
+    assert (entry.num_rows, entry.dim) == (N, 1280)
+    np.testing.assert_allclose(entry.to_numpy(), reference, rtol=1e-4, atol=1e-4)
+    assert stats["encoded_rows"] == N and stats["shards_written"] == 4 and stats["shards_reused"] == 0
+
+    # A job killed after shards 0 and 3: shards 1 and 2 and the index never landed.
+    for number in (1, 2):
+        (tmp_path / "store" / "k" / f"part-0000{number}.npy").unlink()
+    (tmp_path / "store" / "k" / "index.json").unlink()
+    assert store.open("k") is None
+    resumed: dict = {}
+    entry = encode_dataset(_items_dataset(images, order), SPEC, SIZE, store, "k", use_gpu=False, batch_size=32,
+                           concurrency=2, num_rows=N, stats=resumed)
+    assert resumed["encoded_rows"] == 2 * SHARD  # the backbone saw only the missing shards' rows
+    assert (resumed["shards_written"], resumed["shards_reused"]) == (2, 2)
+    np.testing.assert_allclose(entry.to_numpy(), reference, rtol=1e-4, atol=1e-4)
+
+    # Read back through Ray Data, as training and the probes would.
+    rows = entry.to_ray_dataset().take_all()
+    assert sorted(r["row"] for r in rows) == list(range(N))
+    by_row = np.stack([r["features"] for r in sorted(rows, key=lambda r: r["row"])])
+    assert np.array_equal(by_row, entry.to_numpy())
+
+
+def test_cached_features_miss_hit_and_damaged_shard(ray_cluster, tmp_path, images, reference, caplog):
+    cache = FeatureCache(tmp_path / "cache")
+    indices = np.arange(N)
+    stats: dict = {}
+
+    def call():
+        return cached_features(cache, SPEC, SIZE, "fp", "fashion_mnist", "train", indices, images,
+                               num_workers=2, chunk=50, stats=stats)
+
+    first = call()
+    np.testing.assert_allclose(first, reference, rtol=1e-4, atol=1e-4)
+    second = call()
+    assert np.array_equal(first, second)
+    assert [e["hit"] for e in stats[SPEC]] == [False, True]
+
+    (key,) = [p.name for p in (tmp_path / "cache").iterdir()]
+    (tmp_path / "cache" / key / "part-00000.npy").write_bytes(b"")  # what used to crash with EOFError
+    with caplog.at_level(logging.WARNING):
+        third = call()
+    np.testing.assert_allclose(third, reference, rtol=1e-4, atol=1e-4)
+    assert any("part-00000.npy" in r.getMessage() for r in caplog.records)
+    assert [e["hit"] for e in stats[SPEC]] == [False, True, False]
+
+
+def test_bad_rows_are_named(ray_cluster, tmp_path, images):
+    import ray.data
+
+    store = FeatureStore(tmp_path, shard_rows=SHARD)
+    ds = ray.data.from_items([{"row": 7 if i == 3 else i, "image": images[i]} for i in range(8)])
+    with pytest.raises(ValueError, match=r"shard 0 .*got 7 of 8 rows"):
+        encode_dataset(ds, "pixels", None, store, "dup", use_gpu=False, batch_size=4, concurrency=1, num_rows=8)
+    ds = ray.data.from_items([{"row": 100, "image": images[0]}])
+    with pytest.raises(ValueError, match="row 100 is outside"):
+        encode_dataset(ds, "pixels", None, store, "far", use_gpu=False, batch_size=4, concurrency=1, num_rows=1)
+    assert store.open("dup") is None and store.open("far") is None
+
+
+def test_encoder_drops_rows_of_finished_shards_and_fractional_cpus():
+    images = np.zeros((6, 1, 8, 8), dtype=np.uint8)
+    encoder = BatchEncoder("pixels", None, keep_shards=[1], shard_rows=4)
+    out = encoder({"row": np.arange(6), "image": images})
+    assert out["row"].tolist() == [4, 5] and out["features"].shape == (2, 64)
+    assert cpu_share(2, 2.0) == 0.5 and cpu_share(1, 2.0) == 1.0 and cpu_share(8, 64.0) == 1.0
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        images_dataset(np.zeros((3, 8, 8), dtype=np.uint8))
