@@ -66,6 +66,10 @@ def encoder_options(args: AppArgs, info: BackboneInfo, names: Sequence[str]) -> 
     if args.autoscaling_config is not None:
         from ray.serve.config import AutoscalingConfig
 
+        unknown = sorted(set(args.autoscaling_config) - set(AutoscalingConfig.model_fields))
+        if unknown:  # Serve would ignore a misspelt key silently
+            raise ValueError(f"autoscaling_config: unknown keys {unknown}; valid: "
+                             f"{sorted(AutoscalingConfig.model_fields)}")
         try:
             options["autoscaling_config"] = AutoscalingConfig(**args.autoscaling_config).model_dump(
                 exclude_unset=True)
