@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import socket
 import sys
 import time
@@ -60,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.perf_counter()
-    # Encoders take no CPU reservation so the demo fits on 2 cores next to nothing else.
+    # The default reservations (1 CPU in all for three encoders and the ingress) fit on 2 cores.
     serve.run(build_app(AppArgs.model_validate({
-        "artifact": args.artifact, "cascade_threshold": args.cascade_threshold, "num_cpus": 0.5,
-        "ingress_num_cpus": 0, "top_k": 3})), name="polyclip-demo", route_prefix="/")
+        "artifact": args.artifact, "cascade_threshold": args.cascade_threshold, "top_k": 3})),
+        name="polyclip-demo", route_prefix="/")
     print(f"== served {args.artifact} on http://127.0.0.1:{port} in {time.perf_counter() - started:.1f} s")
     failures = 0
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
+        key = os.environ.get("POLYCLIP_API_KEY", "").strip()  # the replicas read the same variable, if set
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0, headers=headers) as client:
             print("GET /healthz ->", client.get("/healthz").json())
             labels = client.get("/v1/labels").json()
             print("GET /v1/labels ->", labels["labels"])
