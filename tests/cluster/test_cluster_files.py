@@ -294,3 +294,121 @@ def test_runtime_env_upload_is_small():
     assert any(r.startswith("jobs/") for r in rel) and any(r.startswith("library/polyclip/") for r in rel)
     assert not any(r.startswith((".venv/", "data/", "runs/", ".git/")) for r in rel)
     assert sum(p.stat().st_size for p in files) < 50 * 1024 * 1024
+
+
+# ------------------------------------------------------------------ GPUs
+
+
+def _continued_lines(text: str, comment: bool = False) -> list[str]:
+    """Lines with backslash continuations joined (``#`` comment markers stripped first)."""
+    lines = []
+    for line in text.splitlines():
+        if comment:
+            if not line.lstrip().startswith("#"):
+                continue
+            line = line.lstrip()[1:]
+        lines.append(line)
+    joined, current = [], ""
+    for line in lines:
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+        else:
+            joined.append(current + line)
+            current = ""
+    return joined
+
+
+def _train_argv(line: str) -> list[str] | None:
+    """``python -m jobs.train ...`` of a shell line (None if it has none), without comments."""
+    if "python -m jobs.train" not in line:
+        return None
+    argv = shlex.split(line[line.index("python -m jobs.train"):], comments=True)
+    return argv
+
+
+def _readme_sections() -> dict[str, str]:
+    """Second-level sections of cluster/README.md: heading -> body."""
+    parts = re.split(r"^## (.+)$", (CLUSTER / "README.md").read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _code_lines(markdown: str) -> list[str]:
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", markdown, flags=re.S)
+    return [ln for block in blocks for ln in _continued_lines(block)]
+
+
+def _gpu_cluster_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every documented ``jobs.train`` command aimed at a cluster with GPU groups."""
+    found: list[tuple[str, list[str]]] = []
+    for heading, body in _readme_sections().items():
+        if heading.startswith(("AWS", "Kubernetes", "GPUs")):
+            found += [(f"README: {heading}", a) for a in map(_train_argv, _code_lines(body)) if a]
+    for path in [LAUNCHER, K8S / "raycluster.yaml"]:
+        found += [(path.name, a) for a in map(_train_argv, _continued_lines(path.read_text(), comment=True)) if a]
+    for doc in _k8s_docs("RayJob"):
+        found.append((f"RayJob {doc['metadata']['name']}", shlex.split(doc["spec"]["entrypoint"])))
+    return found
+
+
+def test_gpu_groups_start_at_zero_and_declare_their_gpus():
+    """Every GPU group scales from zero (no idle GPU bill) and says how many GPUs a node has."""
+    cfg = _docs(LAUNCHER)[0]
+    for name, t in cfg["available_node_types"].items():
+        if t.get("resources", {}).get("GPU", 0):
+            assert t["min_workers"] == 0 and t["max_workers"] >= 1, name
+            assert t["resources"]["GPU"] >= 1 and t["resources"]["CPU"] >= 1, name
+            assert t["node_config"]["InstanceType"].startswith(("g", "p")), f"{name}: not a GPU instance type"
+    for kind in ["RayCluster", "RayJob"]:
+        for doc in _k8s_docs(kind):
+            for g in _cluster_spec_of(doc)["workerGroupSpecs"]:
+                res = g["template"]["spec"]["containers"][0]["resources"]
+                gpus = int(res["limits"].get("nvidia.com/gpu", 0))
+                if not gpus:
+                    continue
+                where = f"{kind} {doc['metadata']['name']} group {g['groupName']}"
+                assert g["minReplicas"] == 0 and g.get("replicas", 0) == 0 and g["maxReplicas"] >= 1, where
+                assert int(res["requests"]["nvidia.com/gpu"]) == gpus, f"{where}: GPU request != limit"
+                assert int(g["rayStartParams"]["num-gpus"]) == gpus, f"{where}: num-gpus != nvidia.com/gpu"
+                tolerations = g["template"]["spec"].get("tolerations", [])
+                assert any(t["key"] == "nvidia.com/gpu" for t in tolerations), f"{where}: no GPU-node toleration"
+
+
+def test_documented_gpu_cluster_commands_require_gpus():
+    """A GPU group that starts at zero is invisible to ``use_gpu: auto`` on Ray 2.60's launcher and
+    KubeRay (they publish no node types), so every documented command for those clusters
+    sets ``scaling.use_gpu=true`` and a wait long enough for a cold node; each parses."""
+    from jobs.config import load_config
+
+    commands = _gpu_cluster_commands()
+    wheres = {w for w, _ in commands}
+    assert {"gpu-cluster.yaml", "raycluster.yaml", "RayJob polyclip-demo", "README: AWS (Ray cluster launcher)",
+            "README: Kubernetes (KubeRay)"} <= wheres, wheres
+    for where, argv in commands:
+        assert argv[:3] == ["python", "-m", "jobs.train"], (where, argv)
+        config = argv[argv.index("--config") + 1]
+        overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+        overrides = [o if "<bucket>" not in o else o.replace("<bucket>", "bucket") for o in overrides]
+        cfg = load_config(ROOT / config, overrides)
+        assert cfg.scaling.use_gpu is True, f"{where}: {shlex.join(argv)} does not set scaling.use_gpu=true"
+        assert cfg.scaling.gpu_wait_s >= 900, f"{where}: a cold GPU node needs more than {cfg.scaling.gpu_wait_s}s"
+
+
+def test_local_commands_leave_the_device_to_auto():
+    """The local head has no GPU group: its commands keep ``auto`` (or say false)."""
+    from jobs.config import load_config
+
+    body = _readme_sections()["Local head (this machine)"]
+    argvs = [a for a in map(_train_argv, _code_lines(body)) if a]
+    assert argvs
+    for argv in argvs:
+        overrides = [a for a in argv[3:] if "=" in a]
+        assert load_config(ROOT / argv[argv.index("--config") + 1], overrides).scaling.use_gpu in ("auto", False)
+
+
+def test_readme_documents_gpus():
+    section = _readme_sections().get("GPUs")
+    assert section, "cluster/README.md has no '## GPUs' section"
+    for needle in ["scaling.use_gpu", "auto", "scaling.gpu_wait_s", "train.precision", "bf16", "fp16",
+                   "GradScaler", "train.channels_last", "jobs/benchmarks/gpu_check.py", "jobs/gpu.py"]:
+        assert needle in section, needle
+    assert re.search(r"no GPU run", section, flags=re.I), "the README must say no GPU run has happened yet"
