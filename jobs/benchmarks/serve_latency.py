@@ -11,7 +11,11 @@ measured back to back.
 Usage::
 
     python -m jobs.benchmarks.serve_latency [--artifact runs/<name>/ensemble] [--clients 1 8 32]
-        [--requests 192] [--seconds 40]
+        [--requests 192] [--seconds 40] [--mode per_backbone single]
+
+``--mode`` picks :class:`serve.app.AppArgs` ``deployment_mode`` (one encoder deployment per
+backbone, or every encoder inside the ingress); several modes are measured one after the
+other on the same images, each deployed with the app's default resources.
 
 Without ``--artifact``, fits a small one first (10 labels per class, 112 px, probes +
 combiner on features encoded in-process).
@@ -134,6 +138,69 @@ async def load_test(url: str, pngs: list[bytes], clients: int, max_requests: int
             "p99_ms": float(np.percentile(lat, 99)), "statuses": statuses}
 
 
+def _bad_requests() -> list[dict[str, Any]]:
+    """Requests that must get a 4xx: text, a bomb, a 5,000-digit top_k, broken JSON and multipart."""
+    bomb = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(bomb, format="PNG")
+    return [
+        {"files": {"file": ("x.png", b"not an image", "image/png")}},
+        {"files": {"file": ("x.png", bomb.getvalue(), "image/png")}},
+        {"content": b'{"image_base64": "aGVsbG8=", "top_k": ' + b"9" * 5000 + b"}",
+         "headers": {"Content-Type": "application/json"}},
+        {"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}},
+        {"content": b"--x\r\ngarbage", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+    ]
+
+
+def ingress_peak_rss_mb(app: str) -> float | None:
+    """Peak resident memory (VmHWM) of the app's first ingress replica, on this machine."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#Ingress#")]
+    if not names:
+        return None
+    pid = ray.get(ray.get_actor(names[0], namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+async def soak(url: str, pngs: list[bytes], clients: int, max_requests: int, max_seconds: float,
+               bad_every: int = 4) -> dict[str, Any]:
+    """``clients`` concurrent clients, one request in ``bad_every`` a hostile one; counts 5xx."""
+    import httpx
+
+    bad = _bad_requests()
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    next_index = 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < max_requests and time.perf_counter() < deadline:
+            i = next_index
+            next_index += 1
+            kwargs = (bad[i // bad_every % len(bad)] if i % bad_every == 0
+                      else {"files": {"file": ("x.png", pngs[i % len(pngs)], "image/png")}})
+            t0 = time.perf_counter()
+            response = await client.post("/v1/classify", **kwargs)
+            latencies.append(time.perf_counter() - t0)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1e3
+    return {"clients": clients, "requests": len(latencies), "seconds": round(elapsed, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "statuses": dict(sorted(statuses.items())), "5xx": sum(n for c, n in statuses.items() if c >= 500)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", default=None)
@@ -142,6 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--requests", type=int, default=192, help="max requests per client level")
     parser.add_argument("--seconds", type=float, default=40.0, help="max seconds per level (each side)")
     parser.add_argument("--batch-max-size", type=int, default=16)
+    parser.add_argument("--soak-seconds", type=float, default=0.0,
+                        help="after the levels, a soak of this many seconds: good and hostile requests mixed")
+    parser.add_argument("--soak-clients", type=int, default=32)
+    parser.add_argument("--soak-requests", type=int, default=20_000, help="max requests of the soak")
+    parser.add_argument("--mode", nargs="+", default=["per_backbone"], choices=["per_backbone", "single"],
+                        help="deployment_mode(s) to measure")
     parser.add_argument("--in-process-threads", type=int, default=1,
                         help="torch threads of the in-process reference (each encoder replica uses 1); on a "
                              "contended machine 2 OpenMP threads stall each other")
@@ -166,41 +239,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(num_cpus=2, runtime_env=project_runtime_env(), logging_level=logging.WARNING, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # One replica per encoder, one intra-op thread each: three encoders share the 2 cores.
-    serve.run(build_app(AppArgs.model_validate({
-        "artifact": str(artifact), "num_cpus": 0, "ingress_num_cpus": 0, "torch_threads": 1,
-        "batch_max_size": args.batch_max_size})), name="bench", route_prefix="/")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    soaks: list[dict[str, Any]] = []
     try:
-        for clients in args.clients:
-            load_before = os.getloadavg()
-            served = asyncio.run(load_test(f"http://127.0.0.1:{port}", pngs, clients, args.requests, args.seconds))
-            local = time_in_process(pipeline, pngs[:args.requests], clients, args.seconds)
-            rows.append({"clients": clients, "serve_req_per_s": round(served["requests_per_s"], 2),
-                         "p50_ms": round(served["p50_ms"], 1), "p99_ms": round(served["p99_ms"], 1),
-                         "requests": served["requests"], "statuses": served["statuses"],
-                         "in_process_img_per_s (batch = clients)": round(local["images_per_s"], 2),
-                         "ratio serve / in-process": round(served["requests_per_s"] / local["images_per_s"], 3),
-                         "loadavg_1m_before": round(load_before[0], 1)})
-            print(rows[-1], flush=True)
+        for mode in args.mode:
+            # The app's default reservations (1 CPU in all): what `serve run` gets on this machine.
+            serve.run(build_app(AppArgs.model_validate({
+                "artifact": str(artifact), "deployment_mode": mode, "torch_threads": 1,
+                "batch_max_size": args.batch_max_size})), name="bench", route_prefix="/")
+            for clients in args.clients:
+                load_before = os.getloadavg()
+                served = asyncio.run(load_test(f"http://127.0.0.1:{port}", pngs, clients, args.requests,
+                                               args.seconds))
+                local = time_in_process(pipeline, pngs[:args.requests], clients, args.seconds)
+                rows.append({"mode": mode, "clients": clients, "serve_req_per_s": round(served["requests_per_s"], 2),
+                             "p50_ms": round(served["p50_ms"], 1), "p99_ms": round(served["p99_ms"], 1),
+                             "requests": served["requests"], "statuses": served["statuses"],
+                             "in_process_img_per_s (batch = clients)": round(local["images_per_s"], 2),
+                             "in_process_ms_per_batch": round(1e3 * local["seconds"] / max(1, local["images"])
+                                                              * clients, 1),
+                             "ratio serve / in-process": round(served["requests_per_s"] / local["images_per_s"], 3),
+                             "loadavg_1m_before": round(load_before[0], 1)})
+                print(rows[-1], flush=True)
+            if args.soak_seconds > 0:
+                soaked = asyncio.run(soak(f"http://127.0.0.1:{port}", pngs, args.soak_clients, args.soak_requests,
+                                          args.soak_seconds))
+                soaked.update(mode=mode, ingress_peak_rss_mb=ingress_peak_rss_mb("bench"))
+                soaks.append(soaked)
+                print("soak", soaked, flush=True)
+            serve.delete("bench")
     finally:
-        serve.delete("bench")
         serve.shutdown()
         ray.shutdown()
     report = {"command": command_line(), "artifact": str(artifact), "backbones": ensemble.backbone_names,
-              "image_size": args.image_size, "rows": rows, "loadavg_end": os.getloadavg()}
+              "image_size": args.image_size, "rows": rows, "soak": soaks, "loadavg_end": os.getloadavg()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     md = "\n".join([
         "# Ensemble on Ray Serve: loopback HTTP vs in-process\n", f"Command: `{report['command']}`\n",
-        f"Backbones {ensemble.backbone_names} at {args.image_size} px; one replica per encoder (1 thread), "
+        f"Backbones {ensemble.backbone_names} at {args.image_size} px; modes {args.mode} (per_backbone: one "
+        "replica per encoder, 1 thread; single: the encoders inside the ingress), "
         f"@serve.batch max {args.batch_max_size}; Fashion-MNIST test PNGs; each level at most {args.requests} "
         f"requests and {args.seconds} s per side. In-process: decode + 3 encoders + combiner, "
         f"{args.in_process_threads} torch thread(s), batch = client count. "
         "2 CPU cores shared with other agents: load average per row.\n",
-        markdown_table(rows)])
+        markdown_table(rows)] + (["\n## Soak (one request in 4 hostile)\n", markdown_table(soaks)] if soaks else []))
     (out / "results.md").write_text(md + "\n")
-    line_plot({"serve p50 (ms)": (args.clients, [r["p50_ms"] for r in rows]),
-               "serve p99 (ms)": (args.clients, [r["p99_ms"] for r in rows])},
+    line_plot({f"{mode} {q} (ms)": (args.clients, [r[f"{q}_ms"] for r in rows if r["mode"] == mode])
+               for mode in args.mode for q in ("p50", "p99")},
               out / "serve_latency.png", "Serve latency vs concurrent clients", "clients", "ms")
     print(md)
     return report
