@@ -34,6 +34,8 @@ def _pins() -> dict[str, str]:
         deps += extra
     pins = {}
     for dep in deps:
+        if re.fullmatch(rf"{re.escape(project['name'])}\[[^\]]*\]", dep.strip()):
+            continue  # an extra made of other extras (``polyclip[serve,language]``)
         m = PIN_RE.match(dep.strip())
         assert m, f"pyproject dependency is not an exact pin: {dep!r}"
         pins[_norm(m.group(1))] = m.group(3)
