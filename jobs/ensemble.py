@@ -15,7 +15,9 @@ backbone, logit and probability averaging and the per-image oracle, and writes
 
 * ``config.yaml``, ``split.json``
 * ``metrics.json``: resolved label protocol, options, test and validation evaluation,
-  cascade curve and the chosen threshold, feature-cache statistics, timings
+  cascade curves and the threshold chosen on the validation split (``cascade.chosen``;
+  ``cascade.chosen_test`` is its test point, reported only), feature-cache statistics,
+  timings
 * ``ensemble.md`` (tables), ``ensemble_accuracy.png``, ``cascade.png``
 * ``ensemble/``: the artifact ``serve.app:build_app`` loads (see ``serve/README.md``)
 """
@@ -52,7 +54,6 @@ from polyclip.ensemble import (
     DEFAULT_THRESHOLDS,
     BackboneInfo,
     LinearHead,
-    evaluate_ensemble,
     fit_ensemble,
     save_ensemble,
     write_ensemble_report,
@@ -240,22 +241,23 @@ def run_ensemble(cfg: EnsembleJobConfig) -> dict[str, Any]:
     test_pool = dataset.test if split.test_from == "test" else dataset.train
     y_test = test_pool.labels[split.test]  # type: ignore[union-attr]
     comb, proto, casc = cfg.combiner, cfg.protocol, cfg.cascade
+    has_val = bool(feats["val"])
     ensemble, results = fit_ensemble(
         feats["labeled"], y_labeled, feats["test"], y_test, class_names=dataset.class_names, backbones=infos,
+        features_val=feats["val"] if has_val else None, y_val=dataset.train.labels[split.val] if has_val else None,
         zero_shot_heads=given, protocol=proto.name, combiner_fraction=proto.combiner_fraction,
         probe_l2=comb.probe_l2, hidden=comb.hidden, combine=comb.combine, positivity=comb.positivity,
         feature_norm=comb.feature_norm, eps=comb.eps, steps=comb.steps, lr=comb.lr, weight_decay=comb.weight_decay,
         batch_size=comb.batch_size, cascade=casc.enabled and len(cfg.backbones) > 1,
         cascade_thresholds=casc.thresholds, max_accuracy_drop=casc.max_accuracy_drop, seed=cfg.seed,
     )
-    val_eval = None
-    if feats["val"]:
-        val_eval = evaluate_ensemble(ensemble, [feats["val"][n] for n in ensemble.backbone_names],
-                                     dataset.train.labels[split.val])
     cascade = results.get("cascade")
-    if isinstance(cascade, dict):
-        # Serving reads this as the suggested cascade threshold (serve/README.md).
-        ensemble.metadata["cascade_chosen"] = cascade["chosen"]
+    if isinstance(cascade, dict) and cascade.get("chosen"):
+        # Serving reads this as the suggested cascade threshold (serve/README.md); it is
+        # chosen on the validation split, never on the test set.
+        ensemble.metadata["cascade_chosen"] = {**cascade["chosen"], "selected_on": "validation"}
+    elif isinstance(cascade, dict):
+        logger.warning("no validation images (data.val_per_class=0): no cascade threshold is chosen")
     ensemble.metadata.update({"dataset": dataset.spec, "labels_per_class": cfg.data.labels_per_class,
                               "job": cfg.name, "head_kinds": {n: h.kind for n, h in
                                                               zip(ensemble.backbone_names, ensemble.head_list)}})
@@ -269,9 +271,9 @@ def run_ensemble(cfg: EnsembleJobConfig) -> dict[str, Any]:
         "backbones": ensemble.backbone_names,
         "head_kinds": ensemble.metadata["head_kinds"],
         "test": {"top1": evaluation["accuracy"]["adaptive"], "n": evaluation["n"]},
-        **{k: v for k, v in results.items() if k not in ("evaluation",)},
+        **{k: v for k, v in results.items() if k not in ("evaluation", "val_evaluation")},
         "evaluation": evaluation,
-        "val_evaluation": val_eval,
+        "val_evaluation": results.get("val_evaluation"),
         "feature_cache": stats,
         "seconds": {"features": round(t_features - t0, 2), "fit": round(time.perf_counter() - t_features, 2),
                     "total": round(time.perf_counter() - t0, 2)},
@@ -310,11 +312,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = run_ensemble(cfg)
     print(markdown_table(summary_rows(metrics)))
     chosen = (metrics.get("cascade") or {}).get("chosen")
+    on_test = (metrics.get("cascade") or {}).get("chosen_test")
     print(f"label protocol: {metrics['protocol']} ({metrics['n_head_labels']} head labels, "
           f"{metrics['n_combiner_labels']} combiner labels)")
-    if chosen:
-        print(f"cascade: threshold {chosen['threshold']} -> {chosen['mean_calls']:.2f} backbone calls/image, "
-              f"accuracy {chosen['accuracy']:.4f}")
+    if chosen and on_test:
+        print(f"cascade: threshold {chosen['threshold']} (chosen on validation) -> test: "
+              f"{on_test['mean_calls']:.2f} backbone calls/image, accuracy {on_test['accuracy']:.4f}")
     print(f"run directory: {cfg.run_dir.resolve()}")
     print(f"artifact: {metrics['artifact']}")
     return metrics

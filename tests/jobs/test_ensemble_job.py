@@ -7,7 +7,7 @@ import pytest
 
 from jobs import ensemble as ensemble_job
 from jobs.config import ConfigError
-from polyclip.ensemble import load_ensemble
+from polyclip.ensemble import CascadePoint, choose_threshold, load_ensemble
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "ensemble"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -88,4 +88,12 @@ def test_ensemble_job_end_to_end(ray_cluster, tmp_path):
     assert loaded.backbone_names == ["pixels", "cnn"] and loaded.backbone_specs[1].startswith("checkpoint:")
     assert loaded.backbones[1].preprocessing["image_size"] == 28
     assert loaded.metadata["protocol"] == "split" and "cascade_chosen" in loaded.metadata
+    # The served threshold is the one the validation curve picks; the test curve is only reported.
+    cascade = metrics["cascade"]
+    val_curve = [CascadePoint(**p) for p in cascade["val_curve"]]
+    picked = choose_threshold(val_curve, 0.005, reference_accuracy=metrics["val_evaluation"]["accuracy"]["adaptive"])
+    assert cascade["selected_on"] == "validation" and cascade["chosen"] == picked.to_dict()
+    assert loaded.metadata["cascade_chosen"]["threshold"] == picked.threshold
+    assert loaded.metadata["cascade_chosen"]["selected_on"] == "validation"
+    assert cascade["chosen_test"] == next(p for p in curve if p["threshold"] == picked.threshold)
     assert metrics["feature_cache"]["pixels"][0]["hit"] is False

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from polyclip.ensemble.cascade import cascade_curve, choose_threshold
+from polyclip.ensemble.cascade import CascadePoint, cascade_curve, choose_threshold
 from polyclip.ensemble.combiner import TemperatureCombiner, train_combiner
 from polyclip.ensemble.evaluate import evaluate_ensemble
 from polyclip.ensemble.heads import LinearHead, fit_linear_probe
@@ -29,6 +29,8 @@ def fit_ensemble(
     features_test: Mapping[str, np.ndarray] | None = None,
     y_test: np.ndarray | None = None,
     *,
+    features_val: Mapping[str, np.ndarray] | None = None,
+    y_val: np.ndarray | None = None,
     class_names: Sequence[str],
     backbones: Mapping[str, BackboneInfo] | None = None,
     zero_shot_heads: Mapping[str, LinearHead] | None = None,
@@ -55,8 +57,13 @@ def fit_ensemble(
         features_train: Backbone name -> ``(N, D_b)`` features of the labeled images, in
             cost order (cheapest first); every array has the same rows in the same order.
         y_train: ``(N,)`` labels.
-        features_test: Same keys -> test features, for the evaluation and the cascade curve.
+        features_test: Same keys -> test features, for the evaluation and the reported
+            cascade curve. Nothing is chosen on them.
         y_test: Test labels.
+        features_val: Same keys -> validation features: the cascade threshold is chosen
+            on these (the cheapest threshold within ``max_accuracy_drop`` of the full
+            ensemble's validation accuracy). Without them no threshold is chosen.
+        y_val: Validation labels.
         class_names: ``C`` class names (label ``i`` is ``class_names[i]``).
         backbones: Name -> :class:`BackboneInfo` (spec, image size, preprocessing) for the
             artifact; names missing here are recorded with ``spec = name`` and no image size.
@@ -69,13 +76,17 @@ def fit_ensemble(
         steps, lr, weight_decay, batch_size: See :func:`train_combiner`.
         cascade: Also train one combiner per prefix of the cost order (for the cascade).
         cascade_thresholds: Thresholds of the cascade curve.
-        max_accuracy_drop: Accuracy budget for picking the cascade threshold (fraction).
+        max_accuracy_drop: Accuracy budget for picking the cascade threshold on validation
+            data (fraction).
         seed: Seeds the protocol split, combiner initialisation and batch order.
 
     Returns:
         ``(ensemble, results)``; ``results`` holds the resolved protocol, the options, the
-        final combiner losses, and with test data ``evaluation`` (:func:`evaluate_ensemble`)
-        and ``cascade`` (``curve`` and ``chosen``).
+        final combiner losses, with validation data ``val_evaluation``, with test data
+        ``evaluation`` (:func:`evaluate_ensemble`), and with either, when ``cascade``,
+        ``cascade``: ``val_curve`` and ``chosen`` (the validation point of the chosen
+        threshold, ``None`` without validation data, ``selected_on: "validation"``),
+        ``curve`` and ``chosen_test`` (the test point at that threshold) with test data.
     """
     names = list(features_train)
     if not names:
@@ -128,18 +139,52 @@ def fit_ensemble(
     results: dict[str, object] = {**split.describe(), "options": options, "backbones": names,
                                   "combiner_loss": final_losses, "fit_seconds": time.perf_counter() - started}
 
-    if features_test is not None:
-        if y_test is None:
-            raise ValueError("features_test given without y_test")
-        missing = [name for name in names if name not in features_test]
-        if missing:
-            raise ValueError(f"features_test lacks backbones {missing}")
-        test = [np.asarray(features_test[name], dtype=np.float32) for name in names]
-        results["evaluation"] = evaluate_ensemble(ensemble, test, y_test)
+    val = _subset(features_val, y_val, names, "features_val", "y_val")
+    test = _subset(features_test, y_test, names, "features_test", "y_test")
+    curves: dict[str, list[CascadePoint]] = {}
+    val_full: float | None = None
+    for key, subset in (("val", val), ("test", test)):
+        if subset is None:
+            continue
+        evaluation = evaluate_ensemble(ensemble, subset[0], subset[1])
+        results["evaluation" if key == "test" else "val_evaluation"] = evaluation
+        if key == "val":
+            val_full = float(evaluation["accuracy"]["adaptive"])  # type: ignore[index]
         if cascade:
-            curve = cascade_curve(ensemble, test, np.asarray(y_test), cascade_thresholds)
-            full = results["evaluation"]["accuracy"]["adaptive"]  # type: ignore[index]
-            chosen = choose_threshold(curve, max_accuracy_drop, reference_accuracy=full)
-            results["cascade"] = {"curve": [p.to_dict() for p in curve], "chosen": chosen.to_dict(),
-                                  "max_accuracy_drop": max_accuracy_drop, "reference_accuracy": full}
+            curves[key] = cascade_curve(ensemble, subset[0], subset[1], cascade_thresholds)
+    if curves:
+        chosen = None
+        if "val" in curves:
+            # Selection reads validation data only; the test curve is reported, never consulted.
+            chosen = choose_threshold(curves["val"], max_accuracy_drop, reference_accuracy=val_full)
+        summary: dict[str, object] = {"selected_on": "validation", "max_accuracy_drop": max_accuracy_drop,
+                                      "chosen": chosen.to_dict() if chosen else None,
+                                      "reference_accuracy": val_full if chosen else None}
+        if "val" in curves:
+            summary["val_curve"] = [p.to_dict() for p in curves["val"]]
+        if "test" in curves:
+            summary["curve"] = [p.to_dict() for p in curves["test"]]
+            summary["chosen_test"] = (next(p.to_dict() for p in curves["test"] if p.threshold == chosen.threshold)
+                                      if chosen else None)
+        results["cascade"] = summary
     return ensemble, results
+
+
+def _subset(features: Mapping[str, np.ndarray] | None, labels: np.ndarray | None, names: list[str],
+            what: str, labels_name: str) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Evaluation features in the ensemble's order, checked, or None when not given."""
+    if features is None:
+        if labels is not None:
+            raise ValueError(f"{labels_name} given without {what}")
+        return None
+    if labels is None:
+        raise ValueError(f"{what} given without {labels_name}")
+    missing = [name for name in names if name not in features]
+    if missing:
+        raise ValueError(f"{what} lacks backbones {missing}")
+    y = np.asarray(labels, dtype=np.int64)
+    arrays = [np.asarray(features[name], dtype=np.float32) for name in names]
+    for name, x in zip(names, arrays):
+        if x.ndim != 2 or x.shape[0] != len(y):
+            raise ValueError(f"{what}[{name!r}] must be (N={len(y)}, D), got {x.shape}")
+    return arrays, y

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -23,9 +24,19 @@ def fitted():
     from tests.polyclip.ensemble.conftest import make_domain_features
 
     data = make_domain_features(labels_per_class=20, seed=0)
+    val, y_val, data = split_off_validation(data, 300)
     ensemble, results = fit_ensemble(data.train, data.y_train, data.test, data.y_test, class_names=data.class_names,
-                                     protocol="split", steps=600, seed=0)
+                                     features_val=val, y_val=y_val, protocol="split", steps=600, seed=0)
     return data, ensemble, results
+
+
+def split_off_validation(data, n_val):
+    """The first ``n_val`` test images become the validation split."""
+    val = {name: x[:n_val] for name, x in data.test.items()}
+    y_val = data.y_test[:n_val]
+    rest = dataclasses.replace(data, test={name: x[n_val:] for name, x in data.test.items()},
+                               y_test=data.y_test[n_val:], domain_test=data.domain_test[n_val:])
+    return val, y_val, rest
 
 
 def test_adaptive_combination_beats_every_single_backbone_and_the_averages(fitted):
@@ -72,8 +83,46 @@ def test_cascade_extremes_and_threshold_choice(fitted):
     # Threshold 0 answers with the cheapest backbone alone (a per-image temperature cannot change its argmax).
     assert first.accuracy == pytest.approx(results["evaluation"]["accuracy"][single_key("bb0")])
     chosen = results["cascade"]["chosen"]
+    assert results["cascade"]["selected_on"] == "validation"
+    assert results["cascade"]["reference_accuracy"] == results["val_evaluation"]["accuracy"]["adaptive"]
     assert chosen["accuracy"] >= results["cascade"]["reference_accuracy"] - 0.005
     assert 1.0 <= chosen["mean_calls"] <= 3.0
+    val_curve = [CascadePoint(**p) for p in results["cascade"]["val_curve"]]
+    assert chosen == choose_threshold(val_curve, 0.005, results["cascade"]["reference_accuracy"]).to_dict()
+    on_test = results["cascade"]["chosen_test"]
+    assert on_test["threshold"] == chosen["threshold"] and on_test in results["cascade"]["curve"]
+
+
+def test_cascade_threshold_ignores_test_labels(domain_features):
+    """Permuting (or replacing) the test labels changes the test curve but never the chosen threshold."""
+    data = domain_features(labels_per_class=10, n_test=700, seed=3)
+    val, y_val, data = split_off_validation(data, 200)
+    rng = np.random.default_rng(0)
+    kwargs = dict(class_names=data.class_names, features_val=val, y_val=y_val, steps=150, seed=0,
+                  cascade_thresholds=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01), max_accuracy_drop=0.01)
+    _, first = fit_ensemble(data.train, data.y_train, data.test, data.y_test, **kwargs)
+    _, permuted = fit_ensemble(data.train, data.y_train, data.test, rng.permutation(data.y_test), **kwargs)
+    few = {name: x[:60] for name, x in data.test.items()}
+    _, small = fit_ensemble(data.train, data.y_train, few, data.y_test[:60], **kwargs)
+    assert permuted["cascade"]["curve"] != first["cascade"]["curve"]
+    assert first["cascade"]["chosen"] == permuted["cascade"]["chosen"] == small["cascade"]["chosen"]
+    assert first["cascade"]["chosen"] is not None
+    # Without validation data nothing is chosen, however many test images there are.
+    _, blind = fit_ensemble(data.train, data.y_train, data.test, data.y_test, class_names=data.class_names, steps=5)
+    assert blind["cascade"]["chosen"] is None and blind["cascade"]["chosen_test"] is None
+    assert blind["cascade"]["curve"] and "val_evaluation" not in blind
+
+
+def test_validation_arguments_are_checked(domain_features):
+    data = domain_features(labels_per_class=2, n_test=20)
+    with pytest.raises(ValueError, match="y_val given without features_val"):
+        fit_ensemble(data.train, data.y_train, class_names=data.class_names, y_val=data.y_test, steps=1)
+    with pytest.raises(ValueError, match="features_val lacks backbones \\['bb2'\\]"):
+        fit_ensemble(data.train, data.y_train, class_names=data.class_names, steps=1, y_val=data.y_test,
+                     features_val={k: v for k, v in data.test.items() if k != "bb2"})
+    with pytest.raises(ValueError, match=r"features_val\['bb0'\] must be \(N=19, D\)"):
+        fit_ensemble(data.train, data.y_train, class_names=data.class_names, steps=1, y_val=data.y_test[:19],
+                     features_val=data.test)
 
 
 def test_choose_threshold_takes_the_cheapest_point_within_budget():
