@@ -2,7 +2,9 @@
 
 Each returns class probabilities ``(N, C)`` for the pool (float32 numpy); the driver then
 keeps the labels above a confidence threshold (:mod:`polyclip.methods.pseudo_label`).
-Features come from any ``create_backbone`` spec, so a trained polyclip checkpoint is a
+:func:`select_probe_teacher` chooses a probe's L2 penalty and acceptance threshold on the
+validation split or by cross-validation on the labeled images, never on the pool's
+held-back labels. Features come from any ``create_backbone`` spec, so a trained polyclip checkpoint is a
 teacher through ``checkpoint:<run dir>`` (its encoder, with a probe fitted on the labeled
 images).
 """
@@ -10,6 +12,8 @@ images).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,4 +114,163 @@ def ensemble_teacher(ensemble: torch.nn.Module, features: Sequence[np.ndarray]) 
     return torch.softmax(torch.as_tensor(logits).float(), dim=1).numpy().astype(np.float32)
 
 
-__all__ = ["ensemble_teacher", "fit_probe_teacher", "zero_shot_teacher"]
+#: L2 penalties and thresholds :func:`select_probe_teacher` searches by default.
+DEFAULT_L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+
+
+@dataclass(frozen=True)
+class TeacherSelection:
+    """Settings of a teacher chosen on labeled or validation data (never on the pool's labels).
+
+    Attributes:
+        l2_reg: The chosen L2 penalty (None for teachers without one).
+        threshold: The lowest confidence threshold whose held-out precision reaches the target.
+        selected_on: ``"validation"`` or ``"cross_validation"`` (folds of the labeled set).
+        held_out: Number of held-out predictions the choice read.
+        precision: Held-out precision of the labels accepted at ``threshold``.
+        accepted_rate: Held-out share accepted at ``threshold``.
+        scores: Per candidate L2 penalty: held-out ``accuracy`` and ``nll``.
+    """
+
+    l2_reg: float | None
+    threshold: float
+    selected_on: str
+    held_out: int
+    precision: float
+    accepted_rate: float
+    scores: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_confidence_threshold(probs: np.ndarray, labels: np.ndarray,
+                                thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, target_precision: float = 0.9,
+                                min_accepted: int = 5) -> tuple[float, float, float]:
+    """The lowest threshold whose accepted held-out labels reach ``target_precision``.
+
+    Held-out images are drawn like the pool, so the precision of their accepted labels
+    estimates the precision of the pool's accepted labels without reading the pool's labels.
+
+    Args:
+        probs: ``(N, C)`` teacher probabilities of held-out (validation or out-of-fold) images.
+        labels: ``(N,)`` their true labels.
+        thresholds: Candidates.
+        target_precision: Precision to reach.
+        min_accepted: A threshold needs at least this many accepted images to count.
+
+    Returns:
+        ``(threshold, precision, accepted_rate)``; the highest candidate (with its precision)
+        when none reaches the target.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
+        raise ValueError(f"probs {probs.shape} must be (N, C) with N = {len(labels)} labels, N > 0")
+    if not thresholds:
+        raise ValueError("thresholds must not be empty")
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    candidates = []
+    for tau in sorted(thresholds):
+        keep = conf >= tau
+        n = int(keep.sum())
+        precision = float(correct[keep].mean()) if n else 0.0
+        candidates.append((float(tau), precision, n / len(labels)))
+        if n >= min_accepted and precision >= target_precision:
+            return candidates[-1]
+    return candidates[-1]
+
+
+def _folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Stratified fold ids: each class's images dealt round-robin after a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = np.arange(len(idx)) % folds
+    return [np.flatnonzero(fold == f) for f in range(folds)]
+
+
+def select_probe_teacher(labeled_features: np.ndarray, labeled_labels: np.ndarray, num_classes: int, *,
+                         val_features: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                         l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS, target_precision: float = 0.9,
+                         folds: int = 4, min_accepted: int = 5, seed: int = 0) -> TeacherSelection:
+    """Choose the probe teacher's L2 penalty and acceptance threshold without the pool's labels.
+
+    Held-out predictions come from the validation split when given (probes fitted on all
+    labeled images), else from stratified ``folds``-fold cross-validation on the labeled
+    images (each image predicted by a probe that never saw it). The L2 penalty with the
+    lowest held-out negative log-likelihood wins (calibration matters, since a threshold
+    is applied to the confidence); the threshold is then
+    :func:`choose_confidence_threshold` on its held-out predictions.
+
+    Args:
+        labeled_features: ``(N_l, D)`` features of the labeled images.
+        labeled_labels: ``(N_l,)`` labels.
+        num_classes: ``C``.
+        val_features: ``(N_v, D)`` validation features, or None for cross-validation.
+        val_labels: ``(N_v,)`` validation labels.
+        l2_grid: Candidate penalties.
+        thresholds: Candidate thresholds.
+        target_precision: Held-out precision the threshold must reach.
+        folds: Cross-validation folds (capped by the smallest class; at least 2 images per class).
+        min_accepted: See :func:`choose_confidence_threshold`.
+        seed: Seeds the fold assignment.
+
+    Returns:
+        The :class:`TeacherSelection`.
+    """
+    x = np.asarray(labeled_features, dtype=np.float32)
+    y = np.asarray(labeled_labels).astype(np.int64)
+    if not l2_grid:
+        raise ValueError("l2_grid must not be empty")
+    if (val_features is None) != (val_labels is None):
+        raise ValueError("give both val_features and val_labels, or neither")
+    if val_features is not None:
+        held_y = np.asarray(val_labels).astype(np.int64)
+        selected_on = "validation"
+
+        def held_out(l2: float) -> np.ndarray:
+            return fit_probe_teacher(x, y, np.asarray(val_features), num_classes, l2_reg=l2)
+    else:
+        smallest = int(np.bincount(y, minlength=num_classes)[np.unique(y)].min()) if len(y) else 0
+        k = min(folds, smallest)
+        if k < 2:
+            raise ValueError(f"cross-validation needs >= 2 labeled images per class, the smallest class has {smallest}"
+                             "; give validation data")
+        parts = _folds(y, k, seed)
+        held_y = y
+        selected_on = "cross_validation"
+
+        def held_out(l2: float) -> np.ndarray:
+            out = np.zeros((len(y), num_classes), dtype=np.float32)
+            for part in parts:
+                train = np.setdiff1d(np.arange(len(y)), part)
+                out[part] = fit_probe_teacher(x[train], y[train], x[part], num_classes, l2_reg=l2)
+            return out
+
+    scores, probs_of = [], {}
+    for l2 in l2_grid:
+        probs = held_out(float(l2))
+        probs_of[float(l2)] = probs
+        nll = float(-np.log(np.clip(probs[np.arange(len(held_y)), held_y], 1e-12, None)).mean())
+        scores.append({"l2_reg": float(l2), "accuracy": float((probs.argmax(1) == held_y).mean()), "nll": nll})
+    best = min(scores, key=lambda s: (s["nll"], -s["accuracy"]))
+    threshold, precision, rate = choose_confidence_threshold(probs_of[best["l2_reg"]], held_y, thresholds,
+                                                             target_precision=target_precision,
+                                                             min_accepted=min_accepted)
+    return TeacherSelection(best["l2_reg"], threshold, selected_on, len(held_y), precision, rate, scores)
+
+
+__all__ = [
+    "DEFAULT_L2_GRID",
+    "DEFAULT_THRESHOLDS",
+    "TeacherSelection",
+    "choose_confidence_threshold",
+    "ensemble_teacher",
+    "fit_probe_teacher",
+    "select_probe_teacher",
+    "zero_shot_teacher",
+]
