@@ -1,7 +1,9 @@
 """``method.name: moe``: a mixture of experts over superclasses, on cached features.
 
 A gate picks the superclass, one expert per superclass picks the class within it
-(:class:`polyclip.methods.moe.MixtureOfExpertsTask`). The superclasses are
+(:class:`polyclip.methods.moe.MixtureOfExpertsTask`); ``routing: hard`` (default) lets
+the expert of the predicted superclass answer, ``soft`` takes the argmax of the product
+``p(s|x) p(c|s,x)`` (a reparametrised flat softmax). The superclasses are
 
 * given in the config, as lists of class names covering every class once, or
 * derived in ``prepare`` (``auto_superclasses``) with ``k`` groups:
@@ -42,6 +44,8 @@ class MoEParams(MethodParams):
     depth: int = Field(1, ge=1)
     expert_weight: float = Field(1.0, gt=0)
     l2_normalize: bool = True
+    routing: Literal["hard", "soft"] = Field(
+        "hard", description="hard: the expert of the predicted superclass answers; soft: argmax of p(s|x) p(c|s,x)")
     probe_epochs: int = Field(200, gt=0, description="full-batch steps of the flat probe (confusion only)")
     probe_lr: float = Field(0.05, gt=0)
 
@@ -130,7 +134,7 @@ def build_task(cfg: Any, params: MoEParams, payload: dict[str, Any]) -> MixtureO
     info = payload["info"]
     return MixtureOfExpertsTask(info["num_features"], info["superclass_of_class"], len(payload["class_names"]),
                                 params.hidden, depth=params.depth, expert_weight=params.expert_weight,
-                                l2_normalize=params.l2_normalize)
+                                l2_normalize=params.l2_normalize, routing=params.routing)
 
 
 def report(cfg: Any, params: MoEParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -141,6 +145,7 @@ def report(cfg: Any, params: MoEParams, payload: dict[str, Any], arrays: dict[st
     pred = logits.argmax(1)
     cm = confusion_matrix(labels, pred, labels=np.arange(len(names)))
     out = {k: v for k, v in info.items() if k not in ("num_features", "superclass_of_class")}
+    out["routing"] = params.routing
     out["superclass_top1"] = float((superclass[pred] == superclass[labels]).mean())
     out["most_confused_pairs"] = [{"true": a, "predicted": b, "count": n}
                                   for a, b, n in most_confused_pairs(cm, names, n=10)]

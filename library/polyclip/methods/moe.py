@@ -3,10 +3,16 @@
 Superclasses come from the labels' word vectors (:func:`superclasses_from_vectors`) or
 from what a first model confuses (:func:`superclasses_from_confusion`). The class
 probability factorises as ``p(c | x) = p(s(c) | x) * p(c | s(c), x)``.
+
+Trained on that exact likelihood, the soft product is a reparametrised flat softmax (it
+predicts what a flat head would). Hard routing, the default, sends each image to the
+expert of its predicted superclass ``s* = argmax_s p(s | x)`` and answers
+``argmax_c p(c | s*, x)``: the gate's decision is final, as in a hierarchical classifier.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyclip.methods.probe import mlp_head
+
+ROUTINGS = ("hard", "soft")
+#: Under hard routing, classes outside the routed superclass keep this share of their soft probability.
+HARD_FLOOR = 1e-6
 
 
 def _relabel(assignment: np.ndarray) -> list[int]:
@@ -135,11 +145,19 @@ def most_confused_pairs(cm: np.ndarray, class_names: Sequence[str], n: int = 10,
 class MixtureOfExpertsTask(nn.Module):
     """A gate over superclasses and one expert head per superclass, on features.
 
-    ``log p(c | x) = log_softmax(gate(x))[s(c)] + log_softmax(expert_{s(c)}(x))[c]``,
-    which :meth:`predict` returns as class logits (they are normalised log-probabilities).
+    ``log p(c | x) = log_softmax(gate(x))[s(c)] + log_softmax(expert_{s(c)}(x))[c]``.
     Training minimises cross-entropy of the gate on the true superclass plus
-    ``expert_weight`` times cross-entropy of the true superclass's expert on the class.
-    A superclass of a single class has an expert that is always right (zero loss).
+    ``expert_weight`` times cross-entropy of the true superclass's expert on the class
+    (the same for both routings). A superclass of a single class has an expert that is
+    always right (zero loss).
+
+    :meth:`predict` returns class log-probabilities:
+
+    * ``soft``: ``log p(c | x)`` above (normalised).
+    * ``hard``: the routed distribution ``p(c | s*, x)`` on the classes of the predicted
+      superclass ``s* = argmax_s p(s | x)``; every other class keeps
+      ``log p(c | x) + log(HARD_FLOOR)``, so the argmax is always inside ``s*`` while
+      the cross-entropy of a misrouted image stays finite.
 
     Args:
         in_features: Feature dimension ``D``.
@@ -149,6 +167,7 @@ class MixtureOfExpertsTask(nn.Module):
         depth: Linear layers per head.
         expert_weight: Weight of the expert loss.
         l2_normalize: L2-normalise features first.
+        routing: ``"hard"`` (to the expert of the predicted superclass) or ``"soft"``.
 
     Batch: ``x`` float ``(B, D)``, ``y`` long ``(B,)``.
 
@@ -163,8 +182,12 @@ class MixtureOfExpertsTask(nn.Module):
     _column_of_class: torch.Tensor
 
     def __init__(self, in_features: int, superclass_of_class: Sequence[int], num_classes: int, hidden: int = 0, *,
-                 depth: int = 1, expert_weight: float = 1.0, l2_normalize: bool = True) -> None:
+                 depth: int = 1, expert_weight: float = 1.0, l2_normalize: bool = True,
+                 routing: str = "hard") -> None:
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        self.routing = routing
         assignment = [int(s) for s in superclass_of_class]
         if len(assignment) != num_classes:
             raise ValueError(f"superclass_of_class has {len(assignment)} entries for {num_classes} classes")
@@ -198,9 +221,17 @@ class MixtureOfExpertsTask(nn.Module):
         within = torch.cat([expert(x).log_softmax(dim=1) for expert in self.experts], dim=1)
         return gate, within[:, self._column_of_class]
 
+    def _combine(self, gate: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities of the configured routing from gate and expert log-probabilities."""
+        soft = gate[:, self.superclass_of_class] + expert
+        if self.routing == "soft":
+            return soft
+        routed = self.superclass_of_class[None, :] == gate.argmax(dim=1, keepdim=True)
+        return torch.where(routed, expert, soft + math.log(HARD_FLOOR))
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         gate, expert = self._log_probs(x)
-        return gate[:, self.superclass_of_class] + expert
+        return self._combine(gate, expert)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         y = batch["y"]
@@ -208,12 +239,19 @@ class MixtureOfExpertsTask(nn.Module):
         gate_loss = -gate.gather(1, self.superclass_of_class[y][:, None]).mean()
         expert_loss = -expert.gather(1, y[:, None]).mean()
         with torch.no_grad():
-            logits = gate[:, self.superclass_of_class] + expert
+            logits = self._combine(gate, expert)
             acc = (logits.argmax(1) == y).float().mean()
             gate_acc = (gate.argmax(1) == self.superclass_of_class[y]).float().mean()
         return {"loss": gate_loss + self.expert_weight * expert_loss, "acc": acc, "gate_loss": gate_loss.detach(),
                 "expert_loss": expert_loss.detach(), "gate_acc": gate_acc}
 
 
-__all__ = ["MixtureOfExpertsTask", "confusion_affinity", "most_confused_pairs", "superclasses_from_confusion",
-           "superclasses_from_vectors"]
+__all__ = [
+    "HARD_FLOOR",
+    "ROUTINGS",
+    "MixtureOfExpertsTask",
+    "confusion_affinity",
+    "most_confused_pairs",
+    "superclasses_from_confusion",
+    "superclasses_from_vectors",
+]

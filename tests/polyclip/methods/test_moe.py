@@ -61,7 +61,7 @@ def test_most_confused_pairs():
 
 def test_predict_is_a_normalised_factorised_distribution():
     torch.manual_seed(0)
-    task = MixtureOfExpertsTask(12, [1, 0, 1, 2, 0, 1], 6, hidden=8, depth=2)
+    task = MixtureOfExpertsTask(12, [1, 0, 1, 2, 0, 1], 6, hidden=8, depth=2, routing="soft")
     x = torch.randn(5, 12)
     logp = task.predict(x)
     assert logp.shape == (5, 6)
@@ -108,3 +108,54 @@ def test_validation():
         MixtureOfExpertsTask(4, [0, 1], 3)
     with pytest.raises(ValueError, match="none empty"):
         MixtureOfExpertsTask(4, [0, 2, 2], 3)
+
+
+def _set_biases(task, gate_probs, expert_probs):
+    """Zero weights and biases = log-probabilities: the task predicts the same for every input."""
+    with torch.no_grad():
+        for head in [task.gate, *task.experts]:
+            for p in head.parameters():
+                p.zero_()
+        task.gate.bias.copy_(torch.tensor(gate_probs).log())
+        for expert, probs in zip(task.experts, expert_probs):
+            expert.bias.copy_(torch.tensor(probs).log())
+
+
+def test_hard_routing_answers_with_the_expert_of_the_predicted_superclass():
+    """Gate 0.6 / 0.4 over {0, 1, 2} and {3}: the product favours class 3 (0.4 > 0.6 / 3), routing does not."""
+    assignment = [0, 0, 0, 1]
+    hard = MixtureOfExpertsTask(5, assignment, 4, routing="hard")
+    soft = MixtureOfExpertsTask(5, assignment, 4, routing="soft")
+    for task in (hard, soft):
+        _set_biases(task, [0.6, 0.4], [[0.34, 0.33, 0.33], [1.0]])
+    x = torch.randn(3, 5)
+    assert (soft.predict(x).argmax(1) == 3).all()
+    assert (hard.predict(x).argmax(1) == 0).all()
+    logp = hard.predict(x)
+    # Inside the routed superclass: the expert's distribution; outside: the soft probability times the floor.
+    assert torch.allclose(logp[:, :3].exp(), torch.tensor([0.34, 0.33, 0.33]).expand(3, 3), atol=1e-6)
+    assert torch.allclose(logp[:, 3], soft.predict(x)[:, 3] + np.log(1e-6), atol=1e-5)
+    assert hard({"x": x, "y": torch.tensor([0, 3, 3])})["acc"] == pytest.approx(1 / 3)
+    assert soft({"x": x, "y": torch.tensor([0, 3, 3])})["acc"] == pytest.approx(2 / 3)
+    # Both routings train on the same loss.
+    y = torch.tensor([0, 1, 3])
+    assert hard({"x": x, "y": y})["loss"].item() == pytest.approx(soft({"x": x, "y": y})["loss"].item())
+
+
+def test_hard_routing_matches_a_naive_per_image_rule():
+    torch.manual_seed(1)
+    assignment = [1, 0, 1, 2, 0, 1]
+    task = MixtureOfExpertsTask(12, assignment, 6, hidden=8, depth=2)
+    assert task.routing == "hard"
+    x = torch.randn(64, 12)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    pred = task.predict(x).argmax(1)
+    for i in range(len(x)):
+        s = int(task.gate(xn[i:i + 1]).argmax())
+        expected = task.members[s][int(task.experts[s](xn[i:i + 1]).argmax())]
+        assert int(pred[i]) == expected
+
+
+def test_unknown_routing_is_named():
+    with pytest.raises(ValueError, match="routing must be one of \\('hard', 'soft'\\), got 'top2'"):
+        MixtureOfExpertsTask(4, [0, 1], 2, routing="top2")
