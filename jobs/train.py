@@ -28,6 +28,7 @@ from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.runtime import init_ray, setup_logging
 from jobs.semantics import label_similarity_for, semantic_metrics
+from jobs.sources import SourceDataset, is_source_spec, load_source_data
 from polyclip.data.datasets import Dataset, load_dataset
 from polyclip.data.splits import Split, make_split
 from polyclip.features.cache import FeatureCache
@@ -50,13 +51,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_data(cfg: JobConfig) -> tuple[Dataset, Split]:
-    """The dataset and the seeded split of a job."""
-    return load_split_data(cfg.data, cfg.seed)
+def load_data(cfg: JobConfig, run_dir: Path | None = None) -> tuple[Dataset, Split]:
+    """The dataset and the seeded split of a job (a source is decoded at the backbone's input size)."""
+    return load_split_data(cfg.data, cfg.seed, default_image_size=decode_size(cfg), run_dir=run_dir)
 
 
-def load_split_data(data: DataConfig, seed: int) -> tuple[Dataset, Split]:
-    """The dataset and the seeded split described by a ``data:`` section."""
+def decode_size(cfg: JobConfig) -> int:
+    """Side length source images are decoded at: ``data.image_size``, else what the backbone sees.
+
+    Decoding at the backbone's input size (224 for the CLIP models) avoids decoding small
+    and upsampling later; pixel and random backbones keep the old 64-px default.
+    """
+    if cfg.data.image_size:
+        return cfg.data.image_size
+    if cfg.backbone.image_size:
+        return cfg.backbone.image_size
+    if cfg.backbone.spec.startswith(("pixels", "random:")):
+        return 64
+    from polyclip.backbones import create_backbone
+
+    return int(create_backbone(cfg.backbone.spec).preprocessing.image_size)
+
+
+def load_split_data(data: DataConfig, seed: int, *, default_image_size: int = 64,
+                    run_dir: Path | None = None) -> tuple[Dataset, Split]:
+    """The dataset and the seeded split described by a ``data:`` section.
+
+    Image folders, buckets and manifests (and ``data.unlabeled_source``) are listed, not
+    loaded: see :mod:`jobs.sources`. Their split is written to ``run_dir/split.parquet``.
+    """
+    if is_source_spec(data):
+        return load_source_data(data, seed, data.image_size or default_image_size, run_dir=run_dir)
     dataset = load_dataset(data.dataset, root=data.root, image_size=data.image_size, strict=data.strict,
                            synthetic_size=data.synthetic_size, seed=seed)
     split = make_split(
@@ -72,6 +97,8 @@ def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[
     cache = FeatureCache(cfg.run.cache_dir)
 
     def features(spec: str, image_size: int | None, subset: str) -> np.ndarray:
+        if subset == "unlabeled" and isinstance(dataset, SourceDataset):
+            return pool_features(cfg, dataset, split, spec, image_size, stats)
         pool = "test" if subset == "test" and split.test_from == "test" else "train"
         indices = getattr(split, subset)
         images = (dataset.test if pool == "test" else dataset.train).images[indices]  # type: ignore[union-attr]
@@ -82,6 +109,40 @@ def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[
     payload = RECIPES[cfg.method.name].prepare(ctx, cfg.method)
     payload["class_names"] = list(dataset.class_names)
     return payload
+
+
+def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str, image_size: int | None,
+                  stats: dict[str, Any]) -> np.ndarray:
+    """Features of a source's unlabeled pool: decoded and encoded in Ray Data, stored shard by shard.
+
+    The pixels never reach the driver; the features come back as one array (``N x D``
+    float32), the input of the teachers.
+    """
+    import ray
+
+    from jobs.features import encode_dataset, weights_stamp
+    from polyclip.backbones import create_backbone
+    from polyclip.features.cache import describe, feature_key
+    from polyclip.features.store import FeatureStore
+
+    store = FeatureStore(cfg.run.cache_dir)
+    ds, rows = dataset.pool_images(split)
+    probe = create_backbone(spec, image_size=image_size)
+    key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
+                      dataset.pool_rows(split))
+    del probe
+    start = time.perf_counter()
+    entry = store.open(key)
+    hit = entry is not None and entry.num_rows == rows
+    if not hit:
+        entry = encode_dataset(ds, spec, image_size, store, key, use_gpu=ray.cluster_resources().get("GPU", 0) >= 1,
+                               concurrency=cfg.run.encode_workers, num_rows=rows,
+                               description=describe(spec, image_size or 0, dataset.spec, "pool", rows))
+    seconds = time.perf_counter() - start
+    stats.setdefault(spec, []).append({"hit": hit, "seconds": round(seconds, 3), "n": rows,
+                                       "images_per_s": round(rows / max(seconds, 1e-9), 1)})
+    assert entry is not None
+    return entry.to_numpy()
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -110,14 +171,12 @@ def check_resumable(cfg: JobConfig) -> None:
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run a validated job on the connected Ray cluster; return its metrics."""
-    import ray
-
-    from jobs.trainer import build_trainer, read_final_checkpoint
+    from jobs.trainer import build_trainer, read_final_checkpoint, training_inputs
 
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, split = load_data(cfg)
+    dataset, split = load_data(cfg, run_dir)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
     split.save(run_dir / "split.json")
     logger.info("%s: %d classes, %d labeled, %d unlabeled, %d val, %d test images", dataset.spec,
@@ -127,7 +186,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     # Before training, so a label without a word vector fails now rather than after the run.
     similarity = None if cfg.word_vectors is None else label_similarity_for(cfg, dataset.class_names, payload)
     t_prepared = time.perf_counter()
-    trainer = build_trainer(cfg, ray.put(payload))
+    train_labels = payload["train"]["y"]
+    payload_ref, streamed = training_inputs(cfg, payload)
+    ingest = {key: split.info["ingest_stats"] for key, split in streamed.items() if "ingest_stats" in split.info}
+    trainer = build_trainer(cfg, payload_ref, streamed=streamed)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name!r} finished without a checkpoint (error: {result.error})")
@@ -139,6 +201,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "num_skipped_files": len(dataset.skipped),
         "seconds": {"prepare": round(t_prepared - t0, 2), "train": round(time.perf_counter() - t_prepared, 2)},
         "ray_storage": str(result.path),
+        # Files of streamed splits that failed to decode while training (dropped, not fatal).
+        "streamed_skipped_files": {key: stats.summary() for key, stats in ingest.items()},
         "resumed_from_epochs": final["resumes"],  # restarts after a worker died, or a re-run
     }
     recipe = RECIPES[cfg.method.name]
@@ -149,7 +213,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                                              source=cfg.word_vectors.source)  # type: ignore[union-attr]
     metrics = write_run_report(
         run_dir, name=cfg.name, class_names=dataset.class_names, test_logits=arrays["test_logits"],
-        test_labels=arrays["test_labels"], train_labels=payload["train"]["y"], history=final["history"],
+        test_labels=arrays["test_labels"], train_labels=train_labels, history=final["history"],
         val_logits=arrays["val_logits"], val_labels=arrays["val_labels"], extra=extra,
     )
     return metrics

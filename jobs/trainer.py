@@ -1,8 +1,10 @@
-"""The Ray Train side of every training job: one worker loop for every method.
+"""The Ray Train side of every training job: a thin wrapper around :func:`polyclip.engine.fit.fit`.
 
-``run_training`` builds a ``TorchTrainer`` (``ScalingConfig(num_workers, use_gpu)``,
-DDP, checkpoints every epoch, ``FailureConfig`` restarts from the latest checkpoint)
-and ``train_loop_per_worker`` runs whatever task the method's recipe builds.
+``build_trainer`` builds a ``TorchTrainer`` (``ScalingConfig(num_workers, use_gpu)``,
+DDP, checkpoints every epoch, ``FailureConfig`` restarts from the latest checkpoint, the
+streamed splits as Ray Datasets). ``train_loop_per_worker`` builds the recipe's task,
+wraps it with ``prepare_model``, and runs the one fit loop with a callback that writes
+the checkpoint and calls ``ray.train.report``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import torch
 
 from jobs.config import JobConfig, parse_config
 from jobs.recipes import RECIPES
-from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch, zip_streams
-from polyclip.engine.loop import cross_entropy_np
+from polyclip.engine import ArrayLoader
+from polyclip.engine.fit import Callback, EvalSet, FitSettings, FitState, TaskData, fit, predict, restore
 from polyclip.io import atomic_save_npz, atomic_write_json, atomic_write_with
-from polyclip.progress import Progress
 
 logger = logging.getLogger("polyclip")
 
@@ -39,8 +40,37 @@ def _resolve_payload(ref: Any) -> dict[str, Any]:
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
+def fit_settings(cfg: JobConfig, stop_after_epoch: int | None = None) -> FitSettings:
+    """The fit loop's settings: the ``train:`` section (less the per-worker batch size) and the seed."""
+    train = cfg.dump()["train"]
+    train.pop("batch_size")
+    return FitSettings.from_config(train, seed=cfg.seed, stop_after_epoch=stop_after_epoch)
+
+
+def build_streams(cfg: JobConfig, recipe: Any, payload: dict[str, Any], rank: int, world: int,
+                  streamed: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """One stream per recipe stream: a Ray Data shard for streamed splits, else an in-memory ``ArrayLoader``."""
+    from jobs.streaming import ShardStream
+
+    streams: dict[str, Any] = {}
+    for i, (prefix, (key, mult)) in enumerate(recipe.streams(cfg.method).items()):
+        batch = cfg.train.batch_size * mult
+        if key in streamed:
+            info = streamed[key]
+            streams[prefix] = ShardStream(key, batch, info["num_rows"] // world, tuple(info["columns"]),
+                                          shuffle_buffer=cfg.data.shuffle_buffer,
+                                          prefetch_batches=cfg.data.prefetch_batches, seed=cfg.seed + 1000 * rank + i,
+                                          pin_memory=device.type == "cuda")
+            continue
+        arrays = payload[key]
+        n = len(arrays["y" if "y" in arrays else "x"])
+        streams[prefix] = ArrayLoader(arrays, batch, seed=cfg.seed + i, rank=rank, world_size=world,
+                                      drop_last=n > batch * world)
+    return streams
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: build the task, train, validate, checkpoint, predict."""
+    """Ray Train worker: build the task, wrap it for DDP, and hand it to :func:`polyclip.engine.fit.fit`."""
     import ray.train
     import ray.train.torch
 
@@ -55,164 +85,177 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     task = recipe.build_task(cfg, cfg.method, payload)
-    inner = task
-    if world > 1:
-        task = ray.train.torch.prepare_model(task, parallel_strategy_kwargs={"find_unused_parameters": True})
-    else:
-        task = ray.train.torch.prepare_model(task)
-    inner = getattr(task, "module", task)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    # DDP searches for unused parameters only for tasks that declare some (it costs a graph walk per step).
+    unused = bool(getattr(task, "has_unused_parameters", False))
+    wrapped = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": unused} if world > 1 else None)
+    streams = build_streams(cfg, recipe, payload, rank, world, config.get("streamed") or {}, device)
+    settings = fit_settings(cfg, config.get("stop_after_epoch"))
 
-    loaders = {
-        prefix: ArrayLoader(payload[key], cfg.train.batch_size * mult, seed=cfg.seed + i, rank=rank,
-                            world_size=world, drop_last=len(payload[key]["y" if "y" in payload[key] else "x"])
-                            > cfg.train.batch_size * mult * world)
-        for i, (prefix, (key, mult)) in enumerate(recipe.streams(cfg.method).items())
-    }
-    steps = cfg.train.steps_per_epoch or max(len(loader) for loader in loaders.values())
-    optimizer = build_optimizer(inner.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
-                                cfg.train.momentum, cfg.train.nesterov)
-    total = steps * cfg.train.epochs
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, total, int(cfg.train.warmup_epochs * steps))
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
-               if cfg.train.scheduler == "plateau" else None)
-
-    start_epoch, history, resumes = 0, [], []
+    resume = None
     # The run's own latest checkpoint (a restart), else one handed in (a PBT clone, the previous segment).
     checkpoint = ray.train.get_checkpoint() or config.get("init_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
-        start_epoch, history, resumes = load_training_state(state, cfg, inner, optimizer, scheduler, plateau)
-        logger.info("rank %d resumed from checkpoint at epoch %d", rank, start_epoch)
-
-    end_epoch = min(cfg.train.epochs, int(config.get("stop_after_epoch") or cfg.train.epochs))
-    train_settings = cfg.dump()["train"]  # stored with each checkpoint: a load under other settings rebases
+            resume = load_state(Path(folder) / STATE_FILE, device)
     val, test = payload["val"], payload["test"]
-    for epoch in range(start_epoch, end_epoch):
-        for loader in loaders.values():
-            loader.set_epoch(epoch * 10_000)
-        progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs} (rank {rank})", steps, unit="step",
-                            interval=15.0) if rank == 0 else None
-        if rank == 0 and epoch == start_epoch:  # submit_latency measures up to this line
-            logger.info("rank 0 starts training at epoch %d/%d (unix time %.3f)", epoch + 1, cfg.train.epochs,
-                        time.time())
-        tic = time.perf_counter()
-        logs = train_one_epoch(task, zip_streams(loaders, steps), optimizer, device=device, scheduler=scheduler,
-                               grad_clip=cfg.train.grad_clip, progress=progress)
-        seconds = time.perf_counter() - tic
-        seen = sum(loader.batch_size for loader in loaders.values()) * steps * world
-        metrics: dict[str, Any] = {"epoch": epoch + 1, **logs, "epoch_seconds": seconds,
-                                   "train_images_per_s": seen / max(seconds, 1e-9)}
-        last = epoch + 1 == cfg.train.epochs
-        if rank == 0 and (last or epoch + 1 == end_epoch or (epoch + 1) % cfg.train.eval_every == 0):
-            inner.eval()
-            val_logits = evaluate(inner.predict, val["x"], device=device, batch_size=cfg.train.eval_batch_size)
-            metrics["val_loss"] = cross_entropy_np(val_logits, val["y"])
-            metrics["val_acc"] = float((val_logits.argmax(1) == val["y"]).mean())
-        if plateau is not None:
-            plateau.step(metrics.get("val_loss", logs["train_loss"]))
-        if rank == 0:
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            logger.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs,
-                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                  if isinstance(v, float) and not k.startswith("per_class")))
+    data = TaskData(streams=streams, val=EvalSet(val["x"], val["y"]), class_names=list(payload["class_names"]))
+    callbacks: list[Any] = [ReportCallback(cfg, payload, test)]
+    if rank == 0:
+        callbacks.insert(0, StartTimeCallback())
+        if cfg.run.loggers and config.get("tracking_dir"):
+            from polyclip.tracking import TrackingCallback, build_loggers
+
+            loggers = build_loggers(cfg.run.loggers, config["tracking_dir"], cfg.name, cfg.dump())
+            callbacks.append(TrackingCallback(loggers))
+    fit(wrapped, data, settings, callbacks, device=device, resume=resume, module=task)
+
+
+def load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's training state, loaded without unpickling (``weights_only=True``).
+
+    Raises:
+        RuntimeError: The file is not a polyclip training state (e.g. a pickle from an
+            older polyclip, or a file someone replaced on shared storage).
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise RuntimeError(f"{path} is not a loadable training state ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); checkpoints load without unpickling, "
+                           "so a state written by a polyclip older than the fit loop cannot be resumed: start "
+                           "a new run name") from exc
+
+
+class StartTimeCallback(Callback):
+    """Logs the moment rank 0 starts training (``jobs/benchmarks/submit_latency.py`` measures up to it)."""
+
+    def on_fit_start(self, state: FitState) -> None:
+        logger.info("rank 0 starts training at epoch %d/%d (unix time %.3f)", state.epoch + 1,
+                    state.settings.epochs, time.time())
+
+
+class ReportCallback(Callback):
+    """Every epoch: the checkpoint (rank 0) and ``ray.train.report`` (every rank).
+
+    The last epoch's checkpoint also holds the final validation and test predictions
+    (computed sharded over the workers), the trained encoder and the class names.
+    """
+
+    def __init__(self, cfg: JobConfig, payload: dict[str, Any], test: dict[str, np.ndarray]) -> None:
+        self.cfg, self.payload, self.test = cfg, payload, test
+
+    def on_epoch_end(self, state: FitState, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        final = None
+        if state.is_last_epoch:  # every rank takes part in the sharded predictions
+            val = self.payload["val"]
+            final = {"val_logits": predict(state, val["x"]), "val_labels": val["y"],
+                     "test_logits": predict(state, self.test["x"]), "test_labels": self.test["y"]}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
-                state = {"task": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler else None,
-                         "plateau": plateau.state_dict() if plateau else None,
-                         "epoch": epoch + 1, "history": history, "resumes": resumes, "train": train_settings}
-                atomic_write_with(Path(tmp) / STATE_FILE, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
-                atomic_write_json(Path(tmp) / HISTORY_FILE, history)
-                atomic_write_json(Path(tmp) / RESUMES_FILE, resumes)
-                if last:
-                    _write_final(inner, Path(tmp), val, test, payload, device, cfg)
+            if state.rank == 0:
+                folder = Path(tmp)
+                snapshot = state.state_dict()
+                atomic_write_with(folder / STATE_FILE, lambda p, s=snapshot: torch.save(s, p))  # type: ignore[misc]
+                atomic_write_json(folder / HISTORY_FILE, state.history)
+                atomic_write_json(folder / RESUMES_FILE, state.resumes)
+                if final is not None:
+                    _write_final(state.module, folder, final, self.payload["class_names"], state.device)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
 
 
 def load_training_state(state: dict[str, Any], cfg: JobConfig, task: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scheduler: Any, plateau: Any) -> tuple[int, list, list]:
-    """Load a checkpoint's state into a freshly built task, optimizer and schedules.
-
-    If the checkpoint was written under other ``train`` settings (PBT hands a trial another
-    trial's weights together with new hyperparameters), the optimizer keeps its state
-    (momentum buffers) and the schedule keeps its position, but learning rate, weight decay
-    and momentum are this config's.
+    """Load a checkpoint's state into a freshly built task, optimizer and schedules (see :func:`restore`).
 
     Returns:
         ``(epochs done, history, resumes)``; ``resumes`` gains the epoch resumed from.
-
-    Raises:
-        RuntimeError: The checkpoint's weights do not fit this model (a searched key that
-            changes the architecture cannot be mutated mid-training).
     """
-    try:
-        task.load_state_dict(state["task"])
-    except RuntimeError as exc:
-        raise RuntimeError(f"the checkpoint's weights do not fit this job's model (did a mutated key change "
-                           f"the architecture?): {str(exc).splitlines()[0]}") from exc
-    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler"):
-        scheduler.load_state_dict(state["scheduler"])
-    if plateau is not None and state.get("plateau"):
-        plateau.load_state_dict(state["plateau"])
-    settings = cfg.dump()["train"]
-    if state.get("train", settings) != settings:
-        for group, hyper in zip(optimizer.param_groups, fresh):
-            group.update(hyper)
-        if scheduler is not None:
-            scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
-    epoch = int(state["epoch"])
-    return epoch, list(state["history"]), [*state.get("resumes", []), epoch]
+    fit_state = FitState(task=task, module=task, optimizer=optimizer, scheduler=scheduler, plateau=plateau,
+                         scaler=None, settings=fit_settings(cfg), device=torch.device("cpu"))
+    restore(state, fit_state)
+    return fit_state.epoch, fit_state.history, fit_state.resumes
 
 
-def _write_final(task: torch.nn.Module, folder: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                 payload: dict[str, Any], device: torch.device, cfg: JobConfig) -> None:
+def _write_final(task: torch.nn.Module, folder: Path, arrays: dict[str, np.ndarray], class_names: list[str],
+                 device: torch.device) -> None:
     """Final predictions (and the trained encoder, if any) go into the last checkpoint."""
     from polyclip.backbones import save_backbone
 
-    task.eval()
-    arrays = {
-        "val_logits": evaluate(task.predict, val["x"], device=device, batch_size=cfg.train.eval_batch_size),
-        "val_labels": val["y"],
-        "test_logits": evaluate(task.predict, test["x"], device=device, batch_size=cfg.train.eval_batch_size),
-        "test_labels": test["y"],
-    }
     atomic_save_npz(folder / PREDICTIONS_FILE, **arrays)
     backbone = getattr(task, "backbone", None)
     if backbone is not None and hasattr(backbone, "preprocessing"):
         save_backbone(backbone.cpu(), folder / "backbone")
         backbone.to(device)
-    atomic_write_json(folder / "class_names.json", payload["class_names"])
+    atomic_write_json(folder / "class_names.json", list(class_names))
 
 
 def use_gpu(cfg: JobConfig) -> bool:
-    """``scaling.use_gpu``, with ``auto`` meaning: if the cluster has GPUs."""
+    """Whether the job trains on GPUs (``scaling.use_gpu``; see :func:`jobs.gpu.resolve_gpu`).
+
+    ``auto`` picks GPUs when the cluster has them or its autoscaler can add them; ``true``
+    waits up to ``scaling.gpu_wait_s`` for them and fails clearly instead of training on CPU.
+    The choice and its reason are logged.
+    """
+    from jobs.gpu import resolve_gpu
+
+    decision = resolve_gpu(cfg.scaling, num_workers=cfg.scaling.num_workers)
+    logger.info("training on %s: %s", "GPUs" if decision.use_gpu else "CPUs", decision.reason)
+    return decision.use_gpu
+
+
+def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Split a recipe's payload into what travels by object ref (small arrays) and the streamed splits.
+
+    Returns:
+        ``(payload ref, streamed)``: pass both to :func:`build_trainer`. The pool (and any
+        large labeled split) becomes a Ray Dataset; the payload keeps only its row count.
+    """
     import ray
 
-    if cfg.scaling.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.scaling.use_gpu)
+    from jobs.streaming import split_streamed
+
+    recipe = RECIPES[cfg.method.name]
+    keys = {key for key, _ in recipe.streams(cfg.method).values()}
+    streamed = split_streamed(payload, keys)
+    return ray.put(payload), streamed
+
+
+def tracking_dir(cfg: JobConfig) -> Path:
+    """Where rank 0 writes TensorBoard events (and W&B / MLflow files): ``<run dir>/tracking``.
+
+    An absolute path fixed on the driver; on a multi-node cluster it is on the node of
+    rank 0, so point ``run.output_dir`` at shared storage to read it from elsewhere.
+    """
+    return (cfg.run_dir / "tracking").resolve()
 
 
 def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None = None, *,
-                  init_checkpoint: Any = None, stop_after_epoch: int | None = None) -> Any:
+                  init_checkpoint: Any = None, stop_after_epoch: int | None = None,
+                  streamed: dict[str, Any] | None = None) -> Any:
     """A ``TorchTrainer`` for this job (not started).
 
     Args:
+        payload_ref: The recipe's payload (an object ref, or the dict itself: its streamed
+            splits are then taken out here, see :func:`training_inputs`).
         init_checkpoint: A ``ray.train.Checkpoint`` to start from when the run has none of
-            its own (its ``train`` settings may differ: see :func:`load_training_state`).
+            its own (its ``train`` settings may differ: see :func:`polyclip.engine.fit.restore`).
         stop_after_epoch: End the run after this epoch (a PBT segment); the schedule is
             still the one of ``train.epochs``.
+        streamed: Splits that reach the workers as Ray Datasets (``jobs.streaming.StreamedSplit``
+            by payload key), from :func:`training_inputs`.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if isinstance(payload_ref, dict):
+        payload_ref, streamed = training_inputs(cfg, payload_ref)
+    streamed = streamed or {}
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu,
@@ -224,10 +267,16 @@ def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None 
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_checkpoints),
         callbacks=callbacks or None,
     )
+    # Workers learn each streamed split's size and columns here; the rows come through get_dataset_shard.
+    described = {key: {"num_rows": split.num_rows, "columns": list(split.columns)} for key, split in streamed.items()}
     return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.dump(), "payload": payload_ref,
                                                                  "init_checkpoint": init_checkpoint,
-                                                                 "stop_after_epoch": stop_after_epoch},
-                        scaling_config=scaling, run_config=run_config)
+                                                                 "stop_after_epoch": stop_after_epoch,
+                                                                 "streamed": described,
+                                                                 "tracking_dir": str(tracking_dir(cfg))},
+                        scaling_config=scaling, run_config=run_config,
+                        datasets={key: split.dataset for key, split in streamed.items()} or None,
+                        dataset_config=ray.train.DataConfig(datasets_to_split="all"))
 
 
 def read_final_checkpoint(checkpoint: Any, run_dir: Path) -> dict[str, Any]:

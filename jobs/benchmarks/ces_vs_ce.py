@@ -31,7 +31,8 @@ from jobs.config import load_config
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.semantics import label_similarity_for, semantic_metrics
 from jobs.train import load_data
-from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from polyclip.engine import evaluate
+from polyclip.engine.fit import fit_arrays
 from polyclip.reports.plots import bar_chart
 from polyclip.reports.tables import markdown_table
 
@@ -50,13 +51,10 @@ def run_one(config: str, seed: int, epochs: int, overrides: list[str]) -> dict[s
     similarity = label_similarity_for(cfg, dataset.class_names, payload)
     task = recipe.build_task(cfg, cfg.method, payload)
     # The Ray job's global batch is batch_size * num_workers; keep it the same here.
-    loader = ArrayLoader(payload["train"], cfg.train.batch_size * cfg.scaling.num_workers, seed=seed)
-    optimizer = build_optimizer(task.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, len(loader) * epochs, 0)
     tic = time.perf_counter()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch * 10_000)
-        logs = train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"), scheduler=scheduler)
+    logs = fit_arrays(task, payload["train"], epochs=epochs, batch_size=cfg.train.batch_size * cfg.scaling.num_workers,
+                      optimizer=cfg.train.optimizer, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                      scheduler=cfg.train.scheduler, seed=seed).history[-1]
     train_s = time.perf_counter() - tic
     task.eval()
     predict: Any = task.predict

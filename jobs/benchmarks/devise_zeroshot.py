@@ -41,7 +41,7 @@ from jobs.runtime import setup_logging
 from jobs.zero_shot import choose_unseen, zero_shot_report
 from polyclip.data.datasets import load_dataset
 from polyclip.data.splits import make_split
-from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.devise import DeViSETask
 from polyclip.reports.plots import bar_chart
@@ -58,11 +58,8 @@ def fit_devise(x: np.ndarray, y: np.ndarray, vectors: np.ndarray, *, loss: str, 
     """polyclip's DeViSE task on cached features, full batch, by the generic loop."""
     torch.manual_seed(seed)
     task = DeViSETask(None, x.shape[1], vectors, loss=loss, margin=0.1, negatives="all", seed=seed)
-    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
-    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=1e-4,
+               scheduler="constant", seed=seed)
     return task.eval()
 
 

@@ -38,7 +38,8 @@ from jobs.config import load_config
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.train import load_data
 from polyclip.backbones import create_backbone
-from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from polyclip.engine import evaluate
+from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
 from polyclip.reports.plots import bar_chart
 from polyclip.reports.tables import markdown_table
@@ -66,13 +67,9 @@ def local_features(cache: FeatureCache, dataset: Any, split: Any, spec: str, ima
 
 def fit(task: torch.nn.Module, arrays: dict[str, np.ndarray], cfg: Any, epochs: int, batch_size: int) -> float:
     """Train with the generic loop (cfg's optimiser and schedule); return seconds."""
-    loader = ArrayLoader(arrays, batch_size, seed=cfg.seed)
-    optimizer = build_optimizer(task.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, len(loader) * epochs, 0)
     tic = time.perf_counter()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch * 10_000)
-        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"), scheduler=scheduler)
+    fit_arrays(task, arrays, epochs=epochs, batch_size=batch_size, optimizer=cfg.train.optimizer, lr=cfg.train.lr,
+               weight_decay=cfg.train.weight_decay, scheduler=cfg.train.scheduler, seed=cfg.seed)
     return time.perf_counter() - tic
 
 

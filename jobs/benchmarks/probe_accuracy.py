@@ -29,7 +29,7 @@ from jobs.benchmarks.common import command_line, out_dir, pool_features, summary
 from jobs.runtime import init_ray, setup_logging
 from polyclip.data.datasets import load_dataset
 from polyclip.data.splits import make_split
-from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.probe import ProbeTask
 from polyclip.reports.plots import line_plot
@@ -44,11 +44,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int = 3
     """polyclip's linear probe, trained full-batch by the generic loop."""
     torch.manual_seed(seed)
     task = ProbeTask(x.shape[1], num_classes)
-    optimizer = build_optimizer(task.parameters(), "adam", lr, weight_decay)
-    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=weight_decay,
+               scheduler="constant", seed=seed)
     return task.eval()
 
 

@@ -38,14 +38,15 @@ from jobs.config import load_config
 from jobs.recipes import RECIPES
 from jobs.runtime import setup_logging
 from jobs.train import load_data, prepare_payload
+from jobs.trainer import build_streams, fit_settings
 from polyclip.backbones import Backbone, arch_spec, create_backbone, load_backbone, save_backbone
 from polyclip.data.splits import make_split
-from polyclip.engine import ArrayLoader, build_optimizer, build_scheduler, evaluate, train_one_epoch, zip_streams
+from polyclip.engine import evaluate
+from polyclip.engine.fit import EvalSet, TaskData, fit, fit_arrays
 from polyclip.features.cache import encode_images
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.methods.probe import ProbeTask
 from polyclip.methods.simclr import SimCLRTask
-from polyclip.progress import Progress
 from polyclip.reports.plots import bar_chart
 from polyclip.reports.tables import markdown_table
 
@@ -95,29 +96,12 @@ def pretrain(cfg: Any, out: Path) -> tuple[Backbone, dict[str, Any]]:
     if not isinstance(built, SimCLRTask):
         raise ValueError(f"{cfg.name}: method {cfg.method.name!r} is not SimCLR")
     task: SimCLRTask = built
-    loaders = {prefix: ArrayLoader(payload[key], cfg.train.batch_size * mult, seed=cfg.seed + i,
-                                   drop_last=len(payload[key]["x"]) > cfg.train.batch_size * mult)
-               for i, (prefix, (key, mult)) in enumerate(recipe.streams(cfg.method).items())}
-    steps = max(len(loader) for loader in loaders.values())
-    optimizer = build_optimizer(task.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
-                                cfg.train.momentum)
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, steps * cfg.train.epochs,
-                                int(cfg.train.warmup_epochs * steps))
-    device = torch.device("cpu")
-    history = []
+    # The same streams and settings as the Ray job (jobs/trainer.py), on one in-process worker.
+    streams = build_streams(cfg, recipe, payload, 0, 1, {}, torch.device("cpu"))
+    val = payload["val"]
     tic = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        for loader in loaders.values():
-            loader.set_epoch(epoch * 10_000)
-        start = time.perf_counter()
-        logs = train_one_epoch(task, zip_streams(loaders, steps), optimizer, device=device, scheduler=scheduler,
-                               progress=Progress(f"simclr epoch {epoch + 1}/{cfg.train.epochs}", steps, "step", 30))
-        task.eval()
-        val = payload["val"]
-        logs["val_acc"] = float((evaluate(task.predict, val["x"], device=device).argmax(1) == val["y"]).mean())
-        logs["epoch_seconds"] = time.perf_counter() - start
-        history.append({"epoch": epoch + 1, **logs})
-        logger.info("pretrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in logs.items()})
+    result = fit(task, TaskData(streams=streams, val=EvalSet(val["x"], val["y"])), fit_settings(cfg))
+    history, steps = result.history, result.state.steps_per_epoch
     minutes = (time.perf_counter() - tic) / 60
     save_backbone(task.backbone.cpu(), out / "encoder")
     pool = len(payload["unlabeled"]["x"])
@@ -132,12 +116,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     """Test accuracy of a linear probe (``ProbeTask``, Adam 1e-2 with cosine decay)."""
     torch.manual_seed(seed)
     task = ProbeTask(train_x.shape[1], int(train_y.max()) + 1)
-    loader = ArrayLoader({"x": train_x, "y": train_y}, 256, seed=seed)
-    optimizer = build_optimizer(task.parameters(), "adam", 1e-2)
-    scheduler = build_scheduler(optimizer, "cosine", epochs * len(loader))
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        train_one_epoch(task, loader, optimizer, device=torch.device("cpu"), scheduler=scheduler)
+    fit_arrays(task, {"x": train_x, "y": train_y}, epochs=epochs, batch_size=256, optimizer="adam", lr=1e-2,
+               scheduler="cosine", seed=seed)
     task.eval()
     logits = evaluate(task.predict, test_x, device=torch.device("cpu"))
     return float((logits.argmax(1) == test_y).mean())

@@ -57,6 +57,25 @@ class PrepareContext:
             return self.dataset.test
         return self.dataset.train
 
+    def pool_size(self) -> int:
+        """Images in the unlabeled pool (from ``data.unlabeled_source`` or carved out of the labeled data)."""
+        size = getattr(self.dataset, "pool_size", None)
+        return int(size(self.split)) if size is not None else len(self.split.unlabeled)
+
+    def unlabeled(self, extra: dict[str, np.ndarray] | None = None, *, held_back_labels: bool = True) -> Any:
+        """The unlabeled pool for a training stream: ``x``, ``y`` (held back, logged only) and ``extra`` columns.
+
+        From a source (image folder, bucket, manifest, ``data.unlabeled_source``) it is a
+        lazy ``jobs.streaming.StreamedSplit`` decoded in Ray Data tasks; from an in-memory
+        dataset, a dict of arrays (the job turns it into a Ray Dataset block by block).
+        Either way the Train workers stream it.
+        """
+        pool_split = getattr(self.dataset, "pool_split", None)
+        if pool_split is not None:
+            return pool_split(self.split, extra, held_back_labels=held_back_labels)
+        labels = {"y": self.labels("unlabeled")} if held_back_labels else {}
+        return {"x": self.images("unlabeled"), **labels, **(extra or {})}
+
     def images(self, subset: str) -> np.ndarray:
         """uint8 ``(N, C, H, W)`` images of a subset."""
         return self.pool(subset).images[self.indices(subset)]

@@ -41,11 +41,11 @@ def prepare(ctx: PrepareContext, params: DistillParams) -> dict[str, Any]:
     payload: dict[str, Any] = split_arrays(ctx, ctx.images)
     payload["train"]["teacher"] = ctx.features(params.teacher, params.teacher_image_size, "labeled")
     if params.distill_unlabeled:
-        if len(ctx.indices("unlabeled")) == 0:
+        if ctx.pool_size() == 0:
             raise ValueError("method.distill_unlabeled is true but the unlabeled pool is empty (data.unlabeled: 0?)")
         # No labels in this stream: it only imitates the teacher.
-        payload["unlabeled"] = {"x": ctx.images("unlabeled"),
-                                "teacher": ctx.features(params.teacher, params.teacher_image_size, "unlabeled")}
+        payload["unlabeled"] = ctx.unlabeled(
+            {"teacher": ctx.features(params.teacher, params.teacher_image_size, "unlabeled")}, held_back_labels=False)
     payload["info"] = {"teacher_dim": int(payload["train"]["teacher"].shape[1]), "teacher": params.teacher}
     return payload
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.streaming import filter_min
 from polyclip.augment.fixmatch import fixmatch_strong, fixmatch_weak
 from polyclip.backbones import create_backbone
 from polyclip.methods.class_aware_threshold import ClassAwareThreshold
@@ -129,27 +130,33 @@ def prepare(ctx: PrepareContext, params: SemiParams) -> dict[str, Any]:
     payload["info"] = {}
     if params.unlabeled_loss == "none" and params.teacher is None:
         return payload
-    pool = {"x": ctx.images("unlabeled"), "y": ctx.labels("unlabeled")}  # y: held back, logged only
-    if params.teacher is not None:
-        probs = teacher_probabilities(ctx, params.teacher)
-        schedule = schedule_of(params.teacher, ctx.cfg.train.epochs)
-        report = pseudo_label_report(probs, pool["y"], ctx.dataset.class_names, schedule.values())
+    if params.teacher is None:
+        payload["unlabeled"] = ctx.unlabeled()  # streamed to the workers; y is held back, logged only
+        return payload
+    probs = teacher_probabilities(ctx, params.teacher)
+    schedule = schedule_of(params.teacher, ctx.cfg.train.epochs)
+    held_back = ctx.labels("unlabeled")
+    if len(held_back) == len(probs):  # a pool from an unlabeled source has no labels to check the teacher against
+        report = pseudo_label_report(probs, held_back, ctx.dataset.class_names, schedule.values())
         report.update(kind=params.teacher.kind, spec=params.teacher.spec, schedule=params.teacher.schedule)
         payload["info"]["report"] = {"teacher": report}
         first = report["thresholds"][0]
         logger.info("teacher %s: pool accuracy %.3f; at threshold %.3f accepts %d (precision %s); never passing: %s",
                     params.teacher.kind, report["teacher_accuracy"], first["threshold"], first["accepted"],
                     first["precision"], first["never_passing"] or "none")
-        pool["teacher_y"] = probs.argmax(1).astype(np.int64)
-        pool["teacher_conf"] = probs.max(1).astype(np.float32)
-        if params.unlabeled_loss == "none":
-            # Only images that pass the most lenient threshold of the schedule can ever be used.
-            keep = pool["teacher_conf"] >= min(schedule.values())
-            if not keep.any():
-                raise ValueError(f"no pool image reaches teacher threshold {min(schedule.values())} "
-                                 f"(max confidence {float(pool['teacher_conf'].max()):.3f}); lower teacher.threshold "
-                                 "or teacher.l2_reg")
+    teacher = {"teacher_y": probs.argmax(1).astype(np.int64), "teacher_conf": probs.max(1).astype(np.float32)}
+    pool = ctx.unlabeled(teacher)
+    if params.unlabeled_loss == "none":
+        # Only images that pass the most lenient threshold of the schedule can ever be used.
+        keep = teacher["teacher_conf"] >= min(schedule.values())
+        if not keep.any():
+            raise ValueError(f"no pool image reaches teacher threshold {min(schedule.values())} "
+                             f"(max confidence {float(teacher['teacher_conf'].max()):.3f}); lower teacher.threshold "
+                             "or teacher.l2_reg")
+        if isinstance(pool, dict):
             pool = {k: v[keep] for k, v in pool.items()}
+        else:
+            pool = filter_min(pool, "teacher_conf", min(schedule.values()), int(keep.sum()))
     payload["unlabeled"] = pool
     return payload
 

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.streaming import with_arrays
 from polyclip.augment.simclr import SimCLRAugment, simclr_augment
 from polyclip.backbones import create_backbone
 from polyclip.methods.simclr import SimCLRTask
@@ -49,22 +50,28 @@ def build_augment(params: SimCLRParams, image_size: int) -> SimCLRAugment:
 
 def prepare(ctx: PrepareContext, params: SimCLRParams) -> dict[str, Any]:
     payload: dict[str, Any] = split_arrays(ctx, ctx.images)
-    pool = [ctx.images("unlabeled")]
-    if params.include_labeled_images:
-        pool.append(ctx.images("labeled"))
-    images = np.concatenate(pool)
-    if len(images) < 2:
+    # Labels of the pool are never shipped: only x travels.
+    pool = ctx.unlabeled(held_back_labels=False)
+    labeled = ctx.images("labeled") if params.include_labeled_images else None
+    if isinstance(pool, dict):
+        images = pool["x"] if labeled is None else np.concatenate([pool["x"], labeled])
+        count, pool = len(images), {"x": images}
+    else:
+        if labeled is not None:
+            pool = with_arrays(pool, {"x": labeled})
+        count = pool.num_rows
+    if count < 2:
         raise ValueError(
-            f"SimCLR needs an image pool of at least 2 images, got {len(images)} "
+            f"SimCLR needs an image pool of at least 2 images, got {count} "
             f"(data.unlabeled={ctx.cfg.data.unlabeled}, include_labeled_images={params.include_labeled_images})"
         )
-    payload["unlabeled"] = {"x": images}  # labels of the pool are never shipped
-    payload["info"] = {"pretrain_images": len(images)}
+    payload["unlabeled"] = pool
+    payload["info"] = {"pretrain_images": count}
     return payload
 
 
 def build_task(cfg: Any, params: SimCLRParams, payload: dict[str, Any]) -> SimCLRTask:
-    in_chans = int(payload["unlabeled"]["x"].shape[1])
+    in_chans = int(payload["train"]["x"].shape[1])
     spec = cfg.backbone.spec
     backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
                                in_chans=in_chans if spec.startswith(("random:", "pixels")) else None)

@@ -55,7 +55,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored["epochs"] == epochs and stored["test"]["top1"] == metrics["test"]["top1"]
     assert (run_dir / "checkpoint" / "predictions.npz").exists()
-    assert torch.load(run_dir / "checkpoint" / STATE_FILE, weights_only=False)["epoch"] == epochs
+    assert torch.load(run_dir / "checkpoint" / STATE_FILE, weights_only=True)["epoch"] == epochs
 
 
 def test_interrupted_checkpoint_write_leaves_no_state_file(tmp_path):

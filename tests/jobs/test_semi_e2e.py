@@ -66,6 +66,6 @@ def test_fixmatch_adaptive_with_teacher_two_workers(ray_cluster, tmp_path):
     # 2 workers x 2 steps x (mu=2 x batch 4) unlabeled images per epoch, counted across workers.
     seen = 2 * 2 * 8
     assert sum(last[k] for k in last if k.startswith("accepted/")) == pytest.approx(last["mask_rate"] * seen)
-    state = torch.load(tmp_path / "fm40-combined" / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "fm40-combined" / "checkpoint" / "state.pt", weights_only=True)
     assert "ema.module.head.weight" in state["task"] and "thresholds.tau" in state["task"]
     assert int(state["task"]["epoch"]) == 2

@@ -345,7 +345,7 @@ def evaluate_sharded(predict: Callable[[torch.Tensor], torch.Tensor], x: np.ndar
     lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
     chunks = []
     for start in range(lo, hi, batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(x[start : min(hi, start + batch_size)])).to(
+        batch = torch.from_numpy(np.array(x[start : min(hi, start + batch_size)])).to(
             device, non_blocking=True)
         if channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)

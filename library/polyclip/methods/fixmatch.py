@@ -81,6 +81,9 @@ class FixMatchTask(nn.Module):
         self.ema = ModelEma(self.model, ema_decay, warmup=True) if ema_decay is not None else None
         self.weak = weak if weak is not None else fixmatch_weak()
         self.strong = strong if strong is not None else fixmatch_strong()
+        # Augmentations are sampled, never trained: DDP must not wait for gradients of their parameters.
+        self.weak.requires_grad_(False)
+        self.strong.requires_grad_(False)
         self.threshold, self.lambda_u = threshold, lambda_u
         self.thresholds = thresholds
         self.teacher_mode = teacher_mode

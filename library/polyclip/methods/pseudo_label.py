@@ -192,6 +192,8 @@ class PseudoLabelTask(nn.Module):
         self.schedule = schedule or ThresholdSchedule(0.98)
         self.weight = weight
         self.augment = augment
+        if isinstance(augment, nn.Module):  # sampled, never trained (DDP waits for trainable parameters)
+            augment.requires_grad_(False)
         names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.meter = AcceptanceMeter(names, prefix="teacher_")
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))

@@ -73,6 +73,8 @@ class SimCLRTask(nn.Module):
             raise ValueError(f"bad projection head: hidden={projection_hidden}, dim={projection_dim}")
         self.backbone = backbone
         self.augment = augment
+        if isinstance(augment, nn.Module):  # sampled, never trained (DDP waits for trainable parameters)
+            augment.requires_grad_(False)
         self.projector = projection_head(backbone.num_features, projection_hidden or backbone.num_features,
                                          projection_dim)
         self.probe = nn.Linear(backbone.num_features, num_classes)

@@ -32,6 +32,8 @@ class SupervisedTask(nn.Module):
         self.head = mlp_head(backbone.num_features, num_classes, head_hidden, head_depth)
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self.augment = augment
+        if isinstance(augment, nn.Module):  # sampled, never trained (DDP waits for trainable parameters)
+            augment.requires_grad_(False)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             backbone.requires_grad_(False)
