@@ -14,11 +14,18 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install data demo test test-slow lint lock cluster-up cluster-down clean
 
-# The venv is rebuilt when the pins change.
-$(VENV)/.installed: pyproject.toml requirements.lock
+# CPU-only torch: `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs torch
+# and torchvision from that index first (no CUDA libraries); the pins below then keep them.
+TORCH_INDEX ?=
+TORCH_PINS := $(shell sed -n 's/^ *"\(torch\(vision\)\{0,1\}==[^"]*\)",*$$/\1/p' pyproject.toml)
+
+# The venv is rebuilt when the pins change. Developers get `.[dev]` (every extra + the dev
+# tools) under requirements-dev.lock; cluster nodes install requirements.lock (no dev tools).
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip==26.0.1" || true
-	$(PIP) install --quiet -c requirements.lock -e ".[dev]"
+	$(if $(TORCH_INDEX),$(PIP) install --quiet --index-url $(TORCH_INDEX) $(TORCH_PINS))
+	$(PIP) install --quiet -c requirements-dev.lock -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -44,9 +51,18 @@ lint: install
 	$(VENV)/bin/ruff check library jobs serve tests
 	$(VENV)/bin/mypy
 
-# Regenerate the lock from the pins in pyproject.toml.
+# Regenerate the locks from the pins in pyproject.toml: the dev lock is what `.[dev]` resolves
+# to under the venv's versions, the runtime lock what `.[all]` resolves to under the dev lock
+# (no pytest, ruff, mypy). Only resolution metadata is fetched (pip --dry-run --report).
+LOCK_RESOLVE = $(PIP) install --quiet --dry-run --ignore-installed --report .lock-report.json
+LOCK_WRITE = $(PY) -c "import json; r = json.load(open('.lock-report.json'))['install']; \
+	  print('\n'.join(sorted((p['metadata']['name'] + '==' + p['metadata']['version'] for p in r \
+	  if p['metadata']['name'] != 'polyclip'), key=str.lower)))"
 lock: install
-	$(PIP) freeze --exclude-editable | grep -v '^polyclip' > requirements.lock
+	$(PIP) freeze --exclude-editable | grep -v '^polyclip' > .lock-freeze.txt
+	$(LOCK_RESOLVE) -c .lock-freeze.txt ".[dev]" && $(LOCK_WRITE) > requirements-dev.lock
+	$(LOCK_RESOLVE) -c requirements-dev.lock ".[all]" && $(LOCK_WRITE) > requirements.lock
+	rm -f .lock-report.json .lock-freeze.txt
 
 cluster-up: install
 	PATH=$(abspath $(VENV))/bin:$$PATH cluster/local/up.sh
