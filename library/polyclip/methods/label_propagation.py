@@ -107,13 +107,14 @@ def normalized_adjacency(indices: torch.Tensor, similarities: torch.Tensor, gamm
     cols = indices.reshape(-1)
     values = similarities.reshape(-1).clamp_min(0.0).pow(gamma)
     both_rows, both_cols = torch.cat([rows, cols]), torch.cat([cols, rows])
-    weights = torch.sparse_coo_tensor(torch.stack([both_rows, both_cols]), torch.cat([values, values]),
-                                      (n, n)).coalesce()
+    weights = torch.sparse_coo_tensor(torch.stack([both_rows, both_cols]), torch.cat([values, values]), (n, n),
+                                      check_invariants=False).coalesce()
     i, j = weights.indices()
     v = weights.values()
     degree = torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, i, v)
     scale = degree.clamp_min(1e-12).rsqrt()
-    return torch.sparse_coo_tensor(weights.indices(), v * scale[i] * scale[j], (n, n)).coalesce()
+    return torch.sparse_coo_tensor(weights.indices(), v * scale[i] * scale[j], (n, n), check_invariants=False,
+                                   is_coalesced=True)
 
 
 def conjugate_gradient(adjacency: torch.Tensor, targets: torch.Tensor, alpha: float,
