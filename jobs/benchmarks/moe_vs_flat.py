@@ -10,6 +10,10 @@ each trained full batch by the generic loop with the same optimiser and budget:
 * ``moe:confusion``: the flat probe's confusion matrix on held-out train-pool images
   (100 per class from the pool, not trained on), clustered into ``k`` groups (the recipe's route).
 
+Each MoE answers with both routings from the same fit: ``:hard`` (the expert of the
+predicted superclass) and ``:soft`` (argmax of ``p(s|x) p(c|s,x)``, a reparametrised flat
+softmax, so it should tie ``flat``).
+
 Reports test accuracy (median over seeds), superclass accuracy, the per-class confusion
 heatmaps (first seed) and the most-confused class pairs of the flat model and each MoE.
 
@@ -38,6 +42,7 @@ from polyclip.data.splits import make_split
 from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.moe import (
+    ROUTINGS,
     MixtureOfExpertsTask,
     most_confused_pairs,
     superclasses_from_confusion,
@@ -112,8 +117,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models: dict[str, tuple[np.ndarray, list[int] | None]] = {"flat": (flat_logits, None)}
         for label, assignment in groupings.items():
             task = fit_moe(x, y, assignment, num, epochs=args.epochs, lr=args.lr, seed=seed)
-            with torch.no_grad():
-                models[label] = (task.predict(torch.from_numpy(x_test)).numpy(), assignment)
+            # One fit, both routings: they share the loss and differ only in how they answer.
+            for routing in ROUTINGS:
+                task.routing = routing
+                with torch.no_grad():
+                    models[f"{label}:{routing}"] = (task.predict(torch.from_numpy(x_test)).numpy(), assignment)
         for label, (logits, grouping) in models.items():
             pred = logits.argmax(1)
             cm = confusion_matrix(y_test, pred, labels=np.arange(num))
