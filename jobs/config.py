@@ -114,7 +114,8 @@ class RunSection(StrictModel):
     output_dir: str = "runs"
     storage_path: str | None = Field(
         None, description="Ray storage (local dir, NFS or s3://...); default <output_dir>/<name>/ray")
-    cache_dir: str = ".cache/features"
+    cache_dir: str | None = Field(
+        None, description="feature store root (local dir, NFS or s3://...); default <storage_path>/features")
     max_failures: int = Field(2, ge=-1)
     num_checkpoints: int = Field(2, gt=0)
     encode_workers: int = Field(2, gt=0, description="parallel Ray tasks for feature caching")
@@ -175,9 +176,16 @@ class JobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _storage_default(self) -> JobConfig:
+        output = Path(self.run.output_dir)
+        if not output.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+            # Under `ray job submit` the working dir is a temporary copy that Ray deletes:
+            # relative outputs go to ~/polyclip instead, so runs outlive the job.
+            object.__setattr__(self.run, "output_dir", str(Path.home() / "polyclip" / output))
         if self.run.storage_path is None:
             # Inside the run folder, so deleting a run also deletes its resumable state.
             object.__setattr__(self.run, "storage_path", str(Path(self.run.output_dir, self.name, "ray").resolve()))
+        if self.run.cache_dir is None:
+            object.__setattr__(self.run, "cache_dir", self.run.storage_path.rstrip("/") + "/features")
         return self
 
     @property

@@ -63,3 +63,27 @@ def test_dotted_overrides_parse_like_yaml(tmp_path):
 def test_config_dump_round_trips():
     cfg = parse_config({**_base(), "train": {"epochs": 3}})
     assert parse_config(cfg.dump()).dump() == cfg.dump()
+
+
+def test_feature_store_defaults_to_the_storage_path():
+    cfg = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"storage_path": "s3://bucket/polyclip"}})
+    assert cfg.run.cache_dir == "s3://bucket/polyclip/features"
+    local = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"output_dir": "/data/runs"}})
+    assert local.run.cache_dir == "/data/runs/r/ray/features"
+    explicit = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"cache_dir": "/nfs/features"}})
+    assert explicit.run.cache_dir == "/nfs/features"
+
+
+def test_relative_outputs_of_a_submitted_job_outlive_its_working_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_config({"name": "r", "method": {"name": "probe"}})
+    assert cfg.run.output_dir == str(tmp_path / "polyclip" / "runs")
+    assert cfg.run.storage_path == str(tmp_path / "polyclip" / "runs" / "r" / "ray")
+
+
+def test_precision_and_loggers_validate():
+    with pytest.raises(ConfigError, match="train.precision"):
+        parse_config({"name": "r", "method": {"name": "probe"}, "train": {"precision": "fp8"}})
+    with pytest.raises(ConfigError, match="run.loggers"):
+        parse_config({"name": "r", "method": {"name": "probe"}, "run": {"loggers": ["comet"]}})

@@ -31,7 +31,7 @@ def test_train_two_workers_then_resume(ray_cluster, tmp_path):
     assert resumed["epochs"] == 4
     assert resumed["history"][:2] == first_history
     assert all(entry["hit"] for entry in resumed["feature_cache"]["pixels"])
-    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)  # no pickle in checkpoints
     assert state["epoch"] == 4
 
 

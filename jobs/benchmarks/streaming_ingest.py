@@ -1,0 +1,133 @@
+"""Peak memory of a FixMatch job on image folders as the pool grows: streamed ingest vs the payload path.
+
+Runs ``jobs.train`` with ``jobs/configs/semi/fm40_fixmatch.yaml`` on generated folders of
+500x375 JPEG photos decoded at 224 px (the whole pool unlabeled, 3 steps, 1 worker), once
+per pool size, each in a fresh process with its own local Ray cluster, and records:
+
+* the driver's peak RSS (``VmHWM``);
+* the peak RSS of the Train worker (``ray::RayTrainWorker``) and of any other Ray worker
+  process (Ray Data decode tasks), sampled every 0.2 s from ``/proc``;
+* the wall time of the job.
+
+With ``--baseline-tree DIR`` (a checkout of an older commit, e.g. ``git worktree add
+/tmp/base f34fcaa``) the same runs are made with that tree's code in the same session,
+so the two paths are compared side by side on the same photos.
+
+Usage::
+
+    python -m jobs.benchmarks.streaming_ingest --sizes 2000 8000 [--baseline-tree /tmp/base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.benchmarks.common import command_line, out_dir
+from polyclip.io import atomic_write_json, atomic_write_text
+from polyclip.reports.tables import markdown_table
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "jobs/configs/semi/fm40_fixmatch.yaml"
+DRIVER = """
+import json, sys
+from jobs import train
+metrics = train.main(sys.argv[1:])
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("BENCH " + json.dumps({"driver_hwm_kb": hwm, "top1": metrics["test"]["top1"]}))
+"""
+
+
+def _rss_kb(pid: int) -> tuple[str, int] | None:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0)
+    return cmdline, rss
+
+
+class RayProcessSampler(threading.Thread):
+    """Peak RSS of Ray worker processes started after it (Train workers apart from the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        self.peaks = {"train_worker_kb": 0, "other_ray_worker_kb": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for name in os.listdir("/proc"):
+                if not name.isdigit() or int(name) in self.before:
+                    continue
+                found = _rss_kb(int(name))
+                if found is None or "default_worker.py" not in found[0] and not found[0].startswith("ray::"):
+                    continue
+                key = "train_worker_kb" if "RayTrainWorker" in found[0] else "other_ray_worker_kb"
+                self.peaks[key] = max(self.peaks[key], found[1])
+            time.sleep(0.2)
+
+
+def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict[str, Any]:
+    overrides = [f"name=ingest-{label}-{size}", f"data.dataset=imagefolder:{photos}", "data.image_size=224",
+                 "data.labels_per_class=4", "data.val_per_class=4", "data.test_limit=40", "data.unlabeled=null",
+                 "train.epochs=1", "train.steps_per_epoch=3", "train.batch_size=8", "method.mu=7",
+                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    sampler = RayProcessSampler()
+    sampler.start()
+    tic = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "--config", CONFIG, *overrides], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - tic
+    sampler.stop.set()
+    sampler.join()
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        (out / f"{label}-{size}.log").write_text(proc.stdout + proc.stderr)
+        raise RuntimeError(f"{label} run with {size} photos failed (log: {out / f'{label}-{size}.log'})")
+    result = json.loads(line[6:])
+    return {"path": label, "photos": size, "driver_peak_mb": round(result["driver_hwm_kb"] / 1024),
+            "train_worker_peak_mb": round(sampler.peaks["train_worker_kb"] / 1024),
+            "other_ray_worker_peak_mb": round(sampler.peaks["other_ray_worker_kb"] / 1024),
+            "seconds": round(seconds, 1)}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
+    parser.add_argument("--baseline-tree", type=Path, default=None, help="checkout of the code to compare with")
+    args = parser.parse_args(argv)
+    from jobs.benchmarks.photo_folders import make_photo_folder
+
+    out = out_dir("streaming_ingest").resolve()
+    rows = []
+    for size in args.sizes:
+        photos = out / f"photos-{size}"
+        if not (photos / "photos.json").exists():
+            make_photo_folder(photos, size, labeled=True, num_classes=5, seed=0)
+        trees = [("streamed", ROOT)] + ([("payload (baseline)", args.baseline_tree.resolve())]
+                                         if args.baseline_tree else [])
+        for label, tree in trees:
+            rows.append(run_once(tree, photos, size, out, label.split()[0]))
+            rows[-1]["path"] = label
+            print(json.dumps(rows[-1]), flush=True)
+    table = markdown_table(rows)
+    atomic_write_json(out / "results.json", {"command": command_line(), "rows": rows})
+    atomic_write_text(out / "results.md", f"`{command_line()}`\n\n{table}\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
