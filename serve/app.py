@@ -54,7 +54,7 @@ from polyclip.data.images import ImageDecodeError
 from polyclip.ensemble import Ensemble, load_ensemble
 from serve.auth import check_auth_config, load_api_key
 from serve.decode import DecodeBusyError, ImageTooLargeError, PixelBudget, decode_for_inputs
-from serve.deployments import BackboneEncoder, LocalEncoders, deployment_name, encoder_options
+from serve.deployments import BackboneEncoder, LocalEncoders, deployment_name, encoder_options, member_image_size
 from serve.encoder import Precision
 from serve.validation import (
     ClassifyRequest,
@@ -517,7 +517,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
     else:
         encoders = {info.name: BackboneEncoder.options(  # type: ignore[attr-defined]
             **encoder_options(args, info, ensemble.backbone_names)).bind(
-                info.spec, info.image_size or (info.preprocessing or {}).get("image_size"), info.num_features,
+                info.spec, member_image_size(info), info.num_features,
                 args.batch_max_size, args.batch_wait_timeout_s, args.torch_threads, args.precision)
             for info in ensemble.backbones}
     return Ingress.options(**ingress_options).bind(  # type: ignore[attr-defined]

@@ -46,6 +46,12 @@ def per_backbone(value: float | dict[str, Any], name: str, default: float, field
     return value.get(name, default)
 
 
+def member_image_size(info: BackboneInfo) -> int | None:
+    """The input side ``create_backbone`` must rebuild a member with (artifact field or preprocessing)."""
+    size = info.image_size or (info.preprocessing or {}).get("image_size")
+    return None if size is None else int(size)  # type: ignore[call-overload]
+
+
 def encoder_options(args: AppArgs, info: BackboneInfo, names: Sequence[str]) -> dict[str, Any]:
     """``BackboneEncoder.options(...)`` of one member: name, replicas or autoscaling, resources, queues.
 
@@ -134,8 +140,7 @@ class LocalEncoders:
     def __init__(self, backbones: Sequence[BackboneInfo], precision: Precision, torch_threads: int,
                  batch_max_size: int, batch_wait_timeout_s: float) -> None:
         device = replica_device()
-        self.encoders = [MemberEncoder(info.spec, info.image_size or (info.preprocessing or {}).get("image_size"),
-                                       info.num_features, device, precision)  # type: ignore[arg-type]
+        self.encoders = [MemberEncoder(info.spec, member_image_size(info), info.num_features, device, precision)
                          for info in backbones]
         self.device = device
         self.pool = _thread_pool(torch_threads)

@@ -99,3 +99,32 @@ def test_app_args_are_typed_and_names_are_serve_safe():
         AppArgs.model_validate({})
     assert deployment_name("efficientnet_lite:0") == "Encoder_efficientnet_lite_0"
     assert deployment_name("checkpoint:/tmp/x@64") == "Encoder_checkpoint_tmp_x_64"
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "+-3", "\u0663", "1e3", float("nan"), float("inf"), 1e300, -0.0, {}])
+def test_top_k_edge_cases_are_422_with_a_short_detail(value):
+    status, error, detail = _status(lambda: parse_top_k(value, 10, default=5))
+    assert (status, error) == (422, "invalid_top_k") and len(detail) < 160
+
+
+@pytest.mark.parametrize("body,error", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"image_base64": "aGVsbG8=", "top_k": NaN}', "NaN is not valid JSON"),
+    (b'{"image_base64": "aGVsbG8=", "top_k": Infinity}', "Infinity is not valid JSON"),
+    (b'{"\\ud800": 1}', "unknown keys"),
+])
+def test_json_bodies_that_crashed_the_parser_are_400(body, error):
+    status, code, detail = _status(lambda: parse_json_body(body, 10**6))
+    assert (status, code) == (400, "bad_json") and error in detail and len(detail) < 300
+
+
+def test_a_huge_json_integer_is_kept_aside_then_refused_as_top_k():
+    image, k = parse_json_body(b'{"image_base64": "aGVsbG8=", "top_k": ' + b"7" * 5000 + b"}", 100)
+    assert image == b"hello"
+    status, _, detail = _status(lambda: parse_top_k(k, 10, default=5))
+    assert status == 422 and "5000-digit number" in detail
+
+
+def test_lone_surrogate_base64_and_huge_content_length_are_client_errors():
+    assert _status(lambda: decode_base64_image("\udfff", 100))[:2] == (400, "bad_base64")
+    assert _status(lambda: check_declared_length("9" * 5000, 10))[:2] == (400, "bad_request")
