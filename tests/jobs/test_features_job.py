@@ -55,16 +55,20 @@ def test_ray_data_encode_equals_in_process_and_resumes(ray_cluster, tmp_path, im
     assert store.open("k") is None
     resumed: dict = {}
     entry = encode_dataset(_items_dataset(images, order), SPEC, SIZE, store, "k", use_gpu=False, batch_size=32,
-                           concurrency=2, num_rows=N, stats=resumed)
+                           concurrency=1, num_rows=N, stats=resumed)
     assert resumed["encoded_rows"] == 2 * SHARD  # the backbone saw only the missing shards' rows
     assert (resumed["shards_written"], resumed["shards_reused"]) == (2, 2)
     np.testing.assert_allclose(entry.to_numpy(), reference, rtol=1e-4, atol=1e-4)
 
-    # Read back through Ray Data, as training and the probes would.
+
+def test_feature_set_as_a_ray_dataset(ray_cluster, tmp_path):
+    """Read back through Ray Data (a task per shard), as training and the probes would."""
+    feats = np.random.default_rng(0).normal(size=(11, 6)).astype(np.float32)
+    entry = FeatureStore(tmp_path, shard_rows=4).write_array("k", feats, {})
     rows = entry.to_ray_dataset().take_all()
-    assert sorted(r["row"] for r in rows) == list(range(N))
+    assert sorted(r["row"] for r in rows) == list(range(11))
     by_row = np.stack([r["features"] for r in sorted(rows, key=lambda r: r["row"])])
-    assert np.array_equal(by_row, entry.to_numpy())
+    assert np.array_equal(by_row, feats)
 
 
 def test_cached_features_miss_hit_and_damaged_shard(ray_cluster, tmp_path, images, reference, caplog):
@@ -108,7 +112,8 @@ def test_encoder_drops_rows_of_finished_shards_and_fractional_cpus():
     images = np.zeros((6, 1, 8, 8), dtype=np.uint8)
     encoder = BatchEncoder("pixels", None, keep_shards=[1], shard_rows=4)
     out = encoder({"row": np.arange(6), "image": images})
-    assert out["row"].tolist() == [4, 5] and out["features"].shape == (2, 64)
+    assert out["row"].tolist() == [4, 5] and out["features"].shape == (2, encoder.backbone.num_features)
+    np.testing.assert_array_equal(out["features"], encode_images(encoder.backbone, images[4:]))
     assert cpu_share(2, 2.0) == 0.5 and cpu_share(1, 2.0) == 1.0 and cpu_share(8, 64.0) == 1.0
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         images_dataset(np.zeros((3, 8, 8), dtype=np.uint8))
