@@ -46,8 +46,6 @@ from polyclip.ensemble import (
     Ensemble,
     LinearHead,
     TemperatureCombiner,
-    cascade_curve,
-    choose_threshold,
     evaluate_ensemble,
     fit_ensemble,
     fit_linear_probe,
@@ -220,11 +218,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             paper = {**PAPER, "protocol": "split" if k >= 2 else "shared"}
             test_acc: dict[str, float] = {}
             for label, opts in (("adaptive_paper", paper), ("adaptive_selected", best)):
-                ens, res = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
-                                        protocol=opts["protocol"], combine=opts["combine"],
-                                        feature_norm=opts["feature_norm"], steps=opts["steps"],
-                                        cascade=label == "adaptive_selected", cascade_thresholds=DEFAULT_THRESHOLDS,
-                                        seed=seed)
+                selected_run = label == "adaptive_selected"
+                _, res = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
+                                      features_val=feats["val"] if selected_run else None,
+                                      y_val=y_val if selected_run else None,
+                                      protocol=opts["protocol"], combine=opts["combine"],
+                                      feature_norm=opts["feature_norm"], steps=opts["steps"],
+                                      cascade=selected_run, cascade_thresholds=DEFAULT_THRESHOLDS,
+                                      seed=seed)
                 evaluation: dict[str, Any] = res["evaluation"]  # type: ignore[assignment]
                 test_acc[label] = evaluation["accuracy"]["adaptive"]
                 if label == "adaptive_paper":
@@ -238,12 +239,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      if m != "adaptive"}
                     test_acc.update(baselines)
                 else:
-                    val_curve = cascade_curve(ens, [feats["val"][s] for s in BACKBONES], y_val, DEFAULT_THRESHOLDS)
-                    val_full = evaluate_ensemble(ens, [feats["val"][s] for s in BACKBONES], y_val)["accuracy"]
-                    pick = choose_threshold(val_curve, 0.005, reference_accuracy=val_full["adaptive"])  # type: ignore[index]
-                    test_curve = {p["threshold"]: p for p in res["cascade"]["curve"]}  # type: ignore[index]
-                    at = test_curve[pick.threshold]
-                    cascade = {"threshold_from_val": pick.threshold, "test_mean_calls": at["mean_calls"],
+                    # fit_ensemble picks the threshold on the validation curve; chosen_test is its test point.
+                    summary_c: dict[str, Any] = res["cascade"]  # type: ignore[assignment]
+                    at = summary_c["chosen_test"]
+                    cascade = {"threshold_from_val": summary_c["chosen"]["threshold"],
+                               "test_mean_calls": at["mean_calls"],
                                "test_accuracy": at["accuracy"], "test_full_accuracy": test_acc[label],
                                "test_drop_points": 100 * (test_acc[label] - at["accuracy"]),
                                "calls_saved_fraction": 1 - at["mean_calls"] / len(BACKBONES),

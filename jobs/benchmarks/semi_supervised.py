@@ -5,7 +5,16 @@ Usage::
     python -m jobs.benchmarks.semi_supervised [--labels 40 250] [--configs supervised fixmatch ...]
         [--seeds 0] [--epochs E] [--steps S] [--unlabeled N] [--out runs/benchmarks/semi_supervised]
 
-Runs ``jobs/configs/semi/fm<labels>_<config>.yaml`` through ``jobs.train.run_job`` on one
+    python -m jobs.benchmarks.semi_supervised --teachers [--labels 40] [--seeds 0 1 2] [--pool 6000]
+        [--spec pixels]
+
+``--teachers`` compares the pool teachers alone, in-process and without Ray: the probe
+teacher (L2 and threshold chosen on the validation split) and the label-propagation
+teacher (threshold chosen on the validation nodes of its graph), over several label
+draws, reporting median / min / max pool accuracy and the precision of the accepted
+labels at each chosen threshold (the pool's labels are read only to score the result).
+
+Otherwise it runs ``jobs/configs/semi/fm<labels>_<config>.yaml`` through ``jobs.train.run_job`` on one
 local Ray instance, with optional budget overrides (epochs, steps per epoch, unlabeled
 pool cap) so a contended CPU can afford it; the budget of every number is written next to
 it. Writes ``results.json`` (updated after every run), ``results.md``, ``accuracy.png``
@@ -24,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "semi"
 CONFIGS = ("supervised", "teacher", "fixmatch", "combined", "fixmatch_adaptive")
 
@@ -38,7 +49,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, default=None, help="override data.unlabeled (pool cap)")
     parser.add_argument("--out", default="runs/benchmarks/semi_supervised")
     parser.add_argument("--address", default=None)
+    parser.add_argument("--teachers", action="store_true", help="compare the pool teachers only (no training)")
+    parser.add_argument("--pool", type=int, default=6000, help="--teachers: pool images per draw")
+    parser.add_argument("--val-per-class", type=int, default=50, help="--teachers: validation images per class")
+    parser.add_argument("--spec", default="pixels",
+                        help="--teachers: features; 'pixels' (centred), else a create_backbone spec")
+    parser.add_argument("--k", type=int, default=10, help="--teachers: neighbours of the propagation graph")
     return parser.parse_args(argv)
+
+
+def teacher_features(spec: str, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Features of uint8 ``(N, C, H, W)`` images: centred pixels, or a backbone's pooled features."""
+    if spec == "pixels":
+        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+        return x - x.mean(0)
+    import torch
+
+    from polyclip.backbones import create_backbone
+
+    backbone = create_backbone(spec).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = backbone.normalize(backbone.to_unit(torch.from_numpy(images[start : start + batch])))
+            out.append(backbone.forward_features(x).float().numpy())
+    return np.concatenate(out)
+
+
+def compare_teachers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Probe vs label-propagation teacher over label draws (see the module docstring)."""
+    from polyclip.data.datasets import load_dataset
+    from polyclip.methods.label_propagation import propagate_with_validation
+    from polyclip.methods.teacher import choose_confidence_threshold, fit_probe_teacher, select_probe_teacher
+
+    data = load_dataset("fashion_mnist")
+    y_all = np.asarray(data.train.labels)
+    classes = int(y_all.max()) + 1
+    rows = []
+    for labels in args.labels:
+        for seed in args.seeds:
+            rng = np.random.default_rng(seed)
+            per_class = labels // classes
+            picked = [rng.permutation(np.flatnonzero(y_all == c))[: per_class + args.val_per_class]
+                      for c in range(classes)]
+            labeled = np.concatenate([p[:per_class] for p in picked])
+            val = np.concatenate([p[per_class:] for p in picked])
+            rest = np.setdiff1d(np.arange(len(y_all)), np.concatenate([labeled, val]))
+            pool = rng.choice(rest, size=min(args.pool, len(rest)), replace=False)
+            tic = time.perf_counter()
+            feats = teacher_features(args.spec, data.train.images[np.concatenate([labeled, val, pool])])
+            xl, xv, xp = np.split(feats, [len(labeled), len(labeled) + len(val)])
+            yl, yv, yp = y_all[labeled], y_all[val], y_all[pool]
+            t_feat = time.perf_counter() - tic
+            for teacher in ("probe", "propagation"):
+                tic = time.perf_counter()
+                if teacher == "probe":
+                    sel = select_probe_teacher(xl, yl, classes, val_features=xv, val_labels=yv)
+                    probs = fit_probe_teacher(xl, yl, xp, classes, l2_reg=float(sel.l2_reg or 0.0))
+                    tau, extra = sel.threshold, {"l2_reg": sel.l2_reg}
+                else:
+                    probs, val_probs = propagate_with_validation(xl, yl, xp, xv, classes, k=args.k)
+                    tau = choose_confidence_threshold(val_probs, yv)[0]
+                    extra = {"k": args.k, "val_acc": float((val_probs.argmax(1) == yv).mean())}
+                keep = probs.max(1) >= tau
+                rows.append({"labels": labels, "seed": seed, "teacher": teacher, "spec": args.spec,
+                             "pool": len(pool), "pool_acc": float((probs.argmax(1) == yp).mean()),
+                             "threshold": tau, "accepted": int(keep.sum()),
+                             "precision": float((probs.argmax(1)[keep] == yp[keep]).mean()) if keep.any() else None,
+                             "seconds": round(time.perf_counter() - tic + t_feat, 1), **extra})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def summarise_teachers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median (min-max) pool accuracy per labels x teacher."""
+    out = []
+    for key in sorted({(r["labels"], r["teacher"]) for r in rows}):
+        accs = [r["pool_acc"] for r in rows if (r["labels"], r["teacher"]) == key]
+        prec = [r["precision"] for r in rows if (r["labels"], r["teacher"]) == key and r["precision"] is not None]
+        out.append({"labels": key[0], "teacher": key[1], "draws": len(accs),
+                    "median pool acc": statistics.median(accs), "min": min(accs), "max": max(accs),
+                    "median precision at chosen threshold": statistics.median(prec) if prec else None})
+    return out
 
 
 def teacher_report(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -59,6 +151,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     print("command: python -m jobs.benchmarks.semi_supervised " + " ".join(shlex.quote(a) for a in given), flush=True)
+    if args.teachers:
+        from polyclip.io import atomic_write_json, atomic_write_text
+        from polyclip.reports.tables import markdown_table
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tic = time.perf_counter()
+        rows = compare_teachers(args)
+        summary = summarise_teachers(rows)
+        atomic_write_json(out / "teachers.json", {"rows": rows, "summary": summary,
+                                                  "wall_seconds": round(time.perf_counter() - tic, 1)})
+        table = markdown_table(summary)
+        atomic_write_text(out / "teachers.md", "# Pool teachers on Fashion-MNIST\n\n" + table + "\n")
+        print(table)
+        return {"teachers": rows, "summary": summary}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from jobs.config import load_config
