@@ -75,13 +75,31 @@ def test_gpu_check_runs_on_cpu_without_ray(tmp_path: Path):
     assert "collectives: backend=cpu:gloo,cuda:gloo, ok=True" in proc.stdout  # one line per measurement
 
 
-def test_gpu_check_names_a_bad_device(tmp_path: Path):
-    proc, summary = _run(tmp_path, "--device", "tpu")
-    assert proc.returncode != 0 and not summary
-    assert "'tpu'" in proc.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "meta"], "--device 'meta': only cpu and cuda are checked"),
+    (["--device", "cpu", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--device", "cpu", "--batch", "0"], "every --batch >= 1"),
+])
+def test_gpu_check_names_bad_arguments(argv, message, capsys):
+    from jobs.benchmarks.gpu_check import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_check_defaults_follow_the_device():
+    from jobs.benchmarks.gpu_check import parse_args
+
+    args = parse_args(["--device", "cpu"])
+    assert (args.image_size, args.batch, args.mu, args.threads) == (48, [2], 1, 1)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
-def test_gpu_check_refuses_cuda_without_it(tmp_path: Path):
-    proc, _ = _run(tmp_path, "--device", "cuda")
-    assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+def test_gpu_check_refuses_cuda_without_it(capsys):
+    from jobs.benchmarks.gpu_check import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
