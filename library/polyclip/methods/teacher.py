@@ -11,7 +11,7 @@ images).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -264,11 +264,82 @@ def select_probe_teacher(labeled_features: np.ndarray, labeled_labels: np.ndarra
     return TeacherSelection(best["l2_reg"], threshold, selected_on, len(held_y), precision, rate, scores)
 
 
+def class_balanced_top(probs: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the most confident ``fraction`` of the pool, the same number per predicted class.
+
+    Each class ``c`` keeps its ``max(1, round(fraction * N / C))`` most confident images among those
+    predicted as ``c`` (fewer when fewer are predicted ``c``), as curriculum labeling's
+    class-balanced selection (Cascante-Bonilla et al., AAAI 2021).
+
+    Args:
+        probs: ``(N, C)`` teacher probabilities.
+        fraction: Share of the pool to keep, in (0, 1].
+
+    Returns:
+        Sorted pool indices.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    probs = np.asarray(probs)
+    n, c = probs.shape
+    per_class = max(1, round(fraction * n / c))
+    pred, conf = probs.argmax(1), probs.max(1)
+    keep = []
+    for k in range(c):
+        members = np.flatnonzero(pred == k)
+        keep.append(members[np.argsort(-conf[members], kind="stable")[:per_class]])
+    return np.sort(np.concatenate(keep))
+
+
+def curriculum_teacher(fit: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray],
+                       labeled_features: np.ndarray, labeled_labels: np.ndarray, pool_features: np.ndarray,
+                       num_classes: int, *, fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8)
+                       ) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Self-training rounds: refit the teacher on class-balanced top-q pseudo-labels, growing q.
+
+    Round 0 fits ``fit`` on the labeled images; round ``r`` refits it, from scratch, on the
+    labeled images plus the pool images :func:`class_balanced_top` keeps at
+    ``fractions[r - 1]`` of the previous round's probabilities, labeled by their argmax
+    (curriculum labeling, Cascante-Bonilla et al. 2021; refitting from scratch avoids
+    confirmation bias).
+
+    Args:
+        fit: ``fit(features, labels, pool_features, num_classes) -> (N_u, C)`` probabilities,
+            e.g. ``fit_probe_teacher`` with its L2 penalty bound, or ``label_propagation_teacher``.
+        labeled_features: ``(N_l, D)``.
+        labeled_labels: ``(N_l,)``.
+        pool_features: ``(N_u, D)``.
+        num_classes: ``C``.
+        fractions: Increasing shares of the pool added in successive rounds.
+
+    Returns:
+        ``(probabilities of the last round (N_u, C), per-round log)``; the log holds each
+        round's ``fraction`` and ``pseudo_labeled`` count (no accuracy: the pool's labels
+        are not read).
+    """
+    if list(fractions) != sorted(fractions):
+        raise ValueError(f"fractions must increase, got {list(fractions)}")
+    x_l = np.asarray(labeled_features, dtype=np.float32)
+    y_l = np.asarray(labeled_labels).astype(np.int64)
+    pool = np.asarray(pool_features, dtype=np.float32)
+    probs = fit(x_l, y_l, pool, num_classes)
+    log = [{"round": 0, "fraction": 0.0, "pseudo_labeled": 0}]
+    for r, fraction in enumerate(fractions, start=1):
+        picked = class_balanced_top(probs, fraction)
+        x = np.concatenate([x_l, pool[picked]])
+        y = np.concatenate([y_l, probs[picked].argmax(1)])
+        probs = fit(x, y, pool, num_classes)
+        log.append({"round": r, "fraction": float(fraction), "pseudo_labeled": len(picked)})
+    return probs, log
+
+
 __all__ = [
     "DEFAULT_L2_GRID",
     "DEFAULT_THRESHOLDS",
     "TeacherSelection",
     "choose_confidence_threshold",
+    "class_balanced_top",
+    "curriculum_teacher",
     "ensemble_teacher",
     "fit_probe_teacher",
     "select_probe_teacher",
