@@ -127,6 +127,9 @@ class S3Server:
             "-s3",
             f"-s3.port={s3}",
             f"-s3.port.grpc={s3_grpc}",
+            # Off: their fixed default ports (8181, 9101) collide between concurrent servers.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-s3.config={config}",
         ]
         log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed in stop()

@@ -51,17 +51,29 @@ def peak_rss_mb() -> float:
 
 
 def photo_folder(root: Path, n: int, largest: int) -> Path:
-    """``root/photos_<n>``: ``n`` labeled photos (+ corrupt files), generated or linked once."""
+    """``root/photos_<n>``: ``n`` labeled photos (+ corrupt files), generated or linked once.
+
+    A folder of ``n`` photos is made of hard links to the first ``n`` photos of the
+    smallest existing folder that has at least ``n`` (generated with the same seed, the
+    first ``n`` photos are the same), else of a folder of ``largest`` generated now.
+    """
     folder = root / f"photos_{n}"
     if (folder / "photos.json").exists():
         return folder
-    full = root / f"photos_{largest}"
-    if not (full / "photos.json").exists():
+    existing = sorted(
+        (int(p.parent.name.split("_")[1]), p.parent)
+        for p in root.glob("photos_*/photos.json")
+        if p.parent.name.split("_")[1].isdigit() and int(p.parent.name.split("_")[1]) >= n
+    )
+    if existing:
+        full = existing[0][1]
+    else:
+        full = root / f"photos_{largest}"
         started = time.perf_counter()
         make_photo_folder(full, largest, corrupt=CORRUPT, seed=0)
         print(f"generated {largest} photos in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    if n != largest:
-        # The first n photos of the largest folder (names carry a global index), hard-linked.
+    if full != folder:
+        # The first n photos (names carry a global index), hard-linked.
         for src in sorted(full.rglob("*.jpg")):
             index = int(src.stem.rsplit("_", 1)[1])
             if src.name.startswith("bad_") or index < n:

@@ -12,8 +12,10 @@ from polyclip.data.sources import (
     S3Options,
     SourceError,
     class_names_of,
+    fingerprint,
     list_images,
     open_file,
+    read_manifest,
     read_split_manifest,
     write_split_manifest,
 )
@@ -121,6 +123,22 @@ def test_s3_listing_bytes_and_ingest_through_a_real_server(ray_cluster, s3_serve
     # Split manifests go to the bucket too, readable back.
     write_split_manifest("s3://photos/run/split.parquet", remote, {"labeled": np.array([1, 2])}, s3=s3)
     np.testing.assert_array_equal(read_split_manifest("s3://photos/run/split.parquet", s3=s3)["labeled"], [1, 2])
+
+    # A manifest in the bucket with paths relative to its folder, statted on S3.
+    fs = s3_server.filesystem()
+    relative = [p.removeprefix("s3://photos/") for p in remote.column("path").to_pylist()[:3]]
+    with fs.open_output_stream("photos/manifest.csv") as out:
+        out.write(("path,label\n" + "".join(f"{p},cat\n" for p in relative)).encode())
+    manifest = read_manifest("s3://photos/manifest.csv", labeled=True, s3=s3)
+    assert manifest.column("path").to_pylist() == remote.column("path").to_pylist()[:3]
+    assert manifest.column("size").equals(remote.column("size").slice(0, 3))
+
+    # Rewriting an object changes the fingerprint (size and modification time from S3).
+    before = fingerprint(remote)
+    first = remote.column("path")[0].as_py().removeprefix("s3://")
+    with fs.open_output_stream(first) as out:
+        out.write(Path(local.column("path")[0].as_py()).read_bytes() + b"\0")
+    assert fingerprint(list_images("s3://photos/labeled", labeled=True, s3=s3)) != before
 
     # The environment is what users set: endpoint and keys from AWS_* variables.
     for key, value in s3_server.env().items():
