@@ -145,6 +145,49 @@ def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: st
     return entry.to_numpy()
 
 
+def check_shared_storage(storage_path: str) -> None:
+    """Fail before training when a local ``run.storage_path`` is not visible from every node.
+
+    Checkpoints are written by the Train workers and read back by the driver; on a
+    multi-node cluster a path that only the driver's node has would lose them. URIs
+    (``s3://``, ``gs://``...) are shared by construction and not checked.
+
+    Raises:
+        RuntimeError: Naming the nodes that cannot see the path, and what to set.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if "://" in storage_path:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    folder = Path(storage_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".polyclip-shared-{uuid.uuid4().hex}"
+    marker.write_text("visible\n")
+    try:
+        probe = ray.remote(num_cpus=0)(_sees)
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes}
+        blind = [node for node, ref in refs.items() if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise RuntimeError(f"run.storage_path {storage_path} is a local path that {len(blind)} of {len(nodes)} nodes "
+                           f"cannot see ({', '.join(blind)}); checkpoints and predictions would be lost. Set "
+                           "run.storage_path to storage every node shares: an NFS mount present on every node, or "
+                           "s3://bucket/prefix")
+
+
+def _sees(path: str) -> bool:
+    return Path(path).exists()
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
@@ -176,6 +219,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(str(cfg.run.storage_path))  # before any work
     dataset, split = load_data(cfg, run_dir)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
     split.save(run_dir / "split.json")

@@ -1,6 +1,6 @@
 """Ray Train overhead: one ``TorchTrainer`` worker vs the same training loop in plain PyTorch.
 
-Both sides run polyclip's ``train_one_epoch`` over the same ``ArrayLoader`` of Fashion-MNIST
+Both sides run polyclip's one fit loop (``polyclip.engine.fit``) over the same ``ArrayLoader`` of Fashion-MNIST
 images (28x28, uint8) with the same task (``random:small_cnn`` + linear head, cross-entropy,
 Adam), the same seed, batch size, number of steps and torch threads. The Ray side builds the
 task inside a ``TorchTrainer`` worker (``ScalingConfig(num_workers=1)``, ``prepare_model``,
@@ -42,7 +42,8 @@ from jobs.runtime import setup_logging
 from jobs.worker_faults import start_local_ray
 from polyclip.backbones import create_backbone
 from polyclip.data.datasets import load_dataset
-from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch, zip_streams
+from polyclip.engine import ArrayLoader
+from polyclip.engine.fit import FitSettings, TaskData, fit
 from polyclip.methods.supervised import SupervisedTask
 from polyclip.reports.plots import bar_chart
 from polyclip.reports.tables import markdown_table
@@ -50,7 +51,7 @@ from polyclip.reports.tables import markdown_table
 
 def timed_training(data: dict[str, np.ndarray], *, spec: str, num_classes: int, batch_size: int, warmup: int,
                    steps: int, threads: int, seed: int, prepare: Any = None) -> dict[str, float]:
-    """Build the task, run ``warmup`` steps, then time ``steps`` steps of ``train_one_epoch``.
+    """Build the task, run ``warmup`` steps, then time ``steps`` steps of :func:`polyclip.engine.fit.fit`.
 
     Args:
         data: ``{"x": uint8 images (N, 1, 28, 28), "y": labels}``.
@@ -65,16 +66,34 @@ def timed_training(data: dict[str, np.ndarray], *, spec: str, num_classes: int, 
     task: torch.nn.Module = SupervisedTask(create_backbone(spec, in_chans=1), num_classes)
     if prepare is not None:
         task = prepare(task)
-    optimizer = build_optimizer(task.parameters(), "adam", 1e-3, 0.0)
     loader = ArrayLoader(data, batch_size, seed=seed, drop_last=True)
     build = time.perf_counter() - tic
-    device = torch.device("cpu")
-    train_one_epoch(task, zip_streams({"": loader}, warmup), optimizer, device=device)
-    tic = time.perf_counter()
-    logs = train_one_epoch(task, zip_streams({"": loader}, steps), optimizer, device=device)
-    seconds = time.perf_counter() - tic
+    clock = _WarmupClock(warmup)
+    # One epoch of warmup + steps; the loss is read back every `warmup` steps, so the clock starts after warm-up.
+    settings = FitSettings(epochs=1, steps_per_epoch=warmup + steps, optimizer="adam", lr=1e-3, scheduler="constant",
+                           log_every_steps=max(1, warmup), seed=seed, progress=False)
+    result = fit(task, TaskData(streams={"": loader}), settings, [clock], device=torch.device("cpu"))
+    seconds = clock.end - clock.start
     return {"images_per_s": steps * batch_size / seconds, "seconds": seconds, "build_seconds": build,
-            "train_loss": logs["train_loss"], "threads": float(torch.get_num_threads())}
+            "train_loss": result.history[-1]["train_loss"], "threads": float(torch.get_num_threads())}
+
+
+class _WarmupClock:
+    """Starts at the first loss read-back (after the warm-up steps), stops at the end of the epoch."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_fit_start(self, state: Any) -> None:
+        if self.warmup == 0:
+            self.start = time.perf_counter()
+
+    def on_log(self, state: Any, logs: dict[str, float]) -> None:
+        if not self.start:
+            self.start = time.perf_counter()
+
+    def on_epoch_end(self, state: Any, metrics: dict[str, Any]) -> None:
+        self.end = time.perf_counter()
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
