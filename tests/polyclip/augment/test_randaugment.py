@@ -12,6 +12,15 @@ from PIL import Image, ImageEnhance, ImageOps
 from polyclip.augment import Cutout, RandAugment, fixmatch_strong
 from polyclip.augment.fixmatch import FIXMATCH_OPS
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: on a shared CPU, extra intra-op threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # google-research/fixmatch RANDOM_POLICY_OPS / USB augment_list: 14 ops, Identity, no Invert.
 REFERENCE_OPS = {
     "autocontrast", "brightness", "color", "contrast", "equalize", "identity", "posterize", "rotate", "sharpness",

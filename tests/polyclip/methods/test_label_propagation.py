@@ -21,6 +21,15 @@ from polyclip.methods.label_propagation import (
 from polyclip.methods.teacher import choose_confidence_threshold, fit_probe_teacher
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: on a shared CPU, extra intra-op threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def moons(n_per_class: int, seed: int, noise: float = 0.06):
     """Two interleaved half circles: linearly inseparable, but each is a connected manifold."""
     rng = np.random.default_rng(seed)

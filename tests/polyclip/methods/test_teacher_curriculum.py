@@ -2,8 +2,18 @@
 
 import numpy as np
 import pytest
+import torch
 
 from polyclip.methods.teacher import class_balanced_top, curriculum_teacher, fit_probe_teacher
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: on a shared CPU, extra intra-op threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def nearest_mean(x, y, pool, num_classes):
