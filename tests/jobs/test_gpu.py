@@ -19,6 +19,17 @@ from jobs.config import ScalingSection
 from jobs.gpu import GpuDecision, autoscaler_gpu_groups, decide_gpu, resolve_gpu, wait_for_gpus
 
 
+def _add_node(cluster, attempts: int = 3, **resources):
+    """``cluster.add_node``, retried: Ray gives a node 30 s (fixed) to register, which a
+    machine shared by many test runs can overrun ("The current node timed out during startup")."""
+    for attempt in range(attempts):
+        try:
+            return cluster.add_node(include_dashboard=False, **resources)
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster(_ray_session):
     """A head with 1 CPU and no GPU; the tests add GPU nodes. Ours alone, shut down after."""
@@ -26,7 +37,8 @@ def cluster(_ray_session):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's shared local cluster, if a previous test started one
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    c = Cluster(initialize_head=False)
+    _add_node(c, num_cpus=1, num_gpus=0)  # the first node is the head
     ray.init(address=c.address, logging_level="WARNING")
     yield c
     ray.shutdown()
@@ -134,7 +146,7 @@ def test_auto_scales_up_from_zero_when_the_autoscaler_has_gpu_node_types(cluster
         waiter.start()
         time.sleep(1.0)
         assert waiter.is_alive() and _requested_bundles() == [{"GPU": 1, "CPU": 1.0}]
-        cluster.add_node(num_cpus=1, num_gpus=1, include_dashboard=False)
+        _add_node(cluster, num_cpus=1, num_gpus=1)
         waiter.join(timeout=60)
         assert len(result) == 1 and isinstance(result[0], GpuDecision), result
         decision = result[0]
@@ -151,7 +163,7 @@ def _ensure_one_gpu_node(cluster) -> None:
     from jobs.gpu import cluster_gpus
 
     if cluster_gpus() == 0:  # this test runs alone: add the node the scale-up test adds
-        cluster.add_node(num_cpus=1, num_gpus=1, include_dashboard=False)
+        _add_node(cluster, num_cpus=1, num_gpus=1)
     assert cluster_gpus() == 1
 
 
