@@ -29,6 +29,7 @@ start without a key unless ``allow_unauthenticated`` is set.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -120,6 +121,17 @@ class AppArgs(BaseModel):
     batch_max_size: int = Field(16, gt=0, description="@serve.batch max_batch_size of each encoder")
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch batch_wait_timeout_s")
 
+    @field_validator("num_replicas", "num_cpus", "num_gpus", "autoscaling_config", mode="before")
+    @classmethod
+    def _mapping_from_text(cls, value: Any) -> Any:
+        """``serve run ... 'num_gpus={"efficientnet_lite:2": 1}'`` passes the mapping as JSON text."""
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object: {value!r}: {exc}") from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
         budget = self.decode_budget_pixels
@@ -145,8 +157,6 @@ class SafeJSONResponse(JSONResponse):
     """JSON that always renders: unencodable characters escaped, NaN refused (caught as a 500)."""
 
     def render(self, content: Any) -> bytes:
-        import json
-
         return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
             "utf-8", "backslashreplace")
 

@@ -127,3 +127,13 @@ def test_responses_always_render_and_unexpected_errors_are_json_500s(caplog):
     assert json.loads(response.body) == {"error": "internal_error", "request_id": "req-123",
                                          "detail": "unexpected error; it was logged under this request_id"}
     assert "req-123" in caplog.text and "boom" in caplog.text
+
+
+def test_serve_run_passes_mappings_as_json_text(artifact):
+    args = AppArgs.model_validate({"artifact": artifact, "num_gpus": '{"efficientnet_lite:2": 1}',
+                                   "autoscaling_config": '{"min_replicas": 1, "max_replicas": 2}', "num_cpus": "0.5"})
+    assert args.num_gpus == {"efficientnet_lite:2": 1} and args.autoscaling_config == {"min_replicas": 1,
+                                                                                       "max_replicas": 2}
+    assert args.num_cpus == 0.5
+    with pytest.raises(ValueError, match="not a JSON object"):
+        AppArgs.model_validate({"artifact": artifact, "num_gpus": "{lite: 1"})
