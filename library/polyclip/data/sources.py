@@ -492,7 +492,8 @@ def fingerprint(table: pa.Table) -> str:
         data = paths.buffers()[2]
         first, last = int(offsets[0]), int(offsets[-1])
         digest.update((offsets - first).tobytes())
-        digest.update(b"" if data is None else data.to_pybytes()[first:last])
+        if data is not None:  # the slice's bytes only (the buffer may hold the whole column)
+            digest.update(memoryview(data)[first:last])
         for name in ("size", "mtime_ns"):
             values = part.column(name).combine_chunks()
             digest.update(pc.fill_null(values, -1).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
