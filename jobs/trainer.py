@@ -86,7 +86,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     task = recipe.build_task(cfg, cfg.method, payload)
     if cfg.scaling.sync_batchnorm and world > 1:
-        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        if device.type == "cuda":  # batch statistics over the global batch (SimCLR's convention)
+            task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        elif rank == 0:
+            logger.warning("scaling.sync_batchnorm needs GPU workers (PyTorch's SyncBatchNorm has no CPU kernel); "
+                           "BatchNorm stays per worker on %s", device)
     # DDP searches for unused parameters only for tasks that declare some (it costs a graph walk per step).
     unused = bool(getattr(task, "has_unused_parameters", False))
     wrapped = ray.train.torch.prepare_model(
