@@ -274,6 +274,10 @@ class RandAugment(nn.Module):
         torch.Size([8, 1, 28, 28])
     """
 
+    family: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
     def __init__(self, n: int = 2, ops: tuple[tuple[str, float, float], ...] = FIXMATCH_OPS) -> None:
         super().__init__()
         known = {name for name, _, _ in FIXMATCH_OPS}
@@ -297,7 +301,7 @@ class RandAugment(nn.Module):
         low, high = self.low.to(device)[kind], self.high.to(device)[kind]
         return kind, low + (high - low) * torch.rand(batch, self.n, device=device)
 
-    def apply(self, x: torch.Tensor, kind: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def apply_ops(self, x: torch.Tensor, kind: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Apply op ``kind[i]`` at ``value[i]`` to image ``i``: one step, ``(B,)`` each."""
         B = x.shape[0]
         family = self.family.to(x.device)[kind]
@@ -331,7 +335,7 @@ class RandAugment(nn.Module):
             raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
         kind, value = self.sample(x.shape[0], x.device)
         for step in range(self.n):
-            x = self.apply(x, kind[:, step], value[:, step])
+            x = self.apply_ops(x, kind[:, step], value[:, step])
         return x.clamp(0.0, 1.0)
 
 

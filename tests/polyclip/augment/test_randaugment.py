@@ -72,7 +72,7 @@ def test_every_op_reproduces_pil(channels, name, low, high):
     augment = RandAugment()
     values = [low + (high - low) * u for u in (0.1, 0.5, 0.83)]
     for v in values:
-        out = augment.apply(x, torch.full((6,), augment.names.index(name)), torch.full((6,), v))
+        out = augment.apply_ops(x, torch.full((6,), augment.names.index(name)), torch.full((6,), v))
         ours = torch.round(out * 255).numpy()
         for i in range(6):
             img = levels[i].transpose(1, 2, 0)
@@ -137,7 +137,7 @@ def test_translation_reaches_three_tenths_of_the_side():
 def test_rotation_by_ninety_degrees_is_rot90():
     x = torch.rand(2, 3, 8, 8)
     augment = RandAugment()
-    out = augment.apply(x, torch.full((2,), augment.names.index("rotate")), torch.full((2,), 90.0))
+    out = augment.apply_ops(x, torch.full((2,), augment.names.index("rotate")), torch.full((2,), 90.0))
     torch.testing.assert_close(out, torch.rot90(x, 1, dims=(2, 3)))  # counter-clockwise, as PIL
 
 
@@ -196,3 +196,10 @@ def test_is_reproducible_under_a_seed_and_differs_per_image():
 def test_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RandAugment(**kwargs)
+
+
+def test_module_apply_still_visits_submodules():
+    """``nn.Module.apply(fn)`` (weight init) must reach RandAugment like any module."""
+    seen = []
+    fixmatch_strong().apply(lambda m: seen.append(type(m).__name__))
+    assert "RandAugment" in seen and "Cutout" in seen
