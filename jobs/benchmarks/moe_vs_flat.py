@@ -39,7 +39,7 @@ from jobs.recipes.moe import assignment_from_names, fit_flat_probe
 from jobs.runtime import setup_logging
 from polyclip.data.datasets import load_dataset
 from polyclip.data.splits import make_split
-from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.moe import (
     ROUTINGS,
@@ -60,11 +60,8 @@ def fit_moe(x: np.ndarray, y: np.ndarray, assignment: list[int], num_classes: in
             seed: int) -> MixtureOfExpertsTask:
     torch.manual_seed(seed)
     task = MixtureOfExpertsTask(x.shape[1], assignment, num_classes)
-    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
-    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=1e-4,
+               scheduler="constant", seed=seed)
     return task.eval()
 
 

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from sklearn.metrics import confusion_matrix
 
 from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
-from polyclip.engine import ArrayLoader, build_optimizer, train_one_epoch
+from polyclip.engine.fit import fit_arrays
 from polyclip.methods.moe import (
     MixtureOfExpertsTask,
     most_confused_pairs,
@@ -81,11 +81,8 @@ def fit_flat_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: in
     """A linear probe trained full batch by the generic loop (the 'first model' of the confusion route)."""
     torch.manual_seed(seed)
     task = ProbeTask(x.shape[1], num_classes)
-    optimizer = build_optimizer(task.parameters(), "adam", lr, 1e-4)
-    loader = ArrayLoader({"x": x, "y": y}, batch_size=len(y), seed=seed)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        train_one_epoch(task, iter(loader), optimizer, device=torch.device("cpu"))
+    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=1e-4,
+               scheduler="constant", seed=seed)
     return task.eval()
 
 

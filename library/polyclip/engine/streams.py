@@ -69,19 +69,3 @@ class ArrayLoader:
         while True:
             yield from self
             self.epoch += 1
-
-
-def zip_streams(streams: Mapping[str, ArrayLoader], steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``steps`` merged batches; each stream's keys are prefixed by its name.
-
-    The stream named ``""`` keeps its keys as they are (the labeled stream); an unlabeled
-    stream named ``"u_"`` yields ``"u_x"``... Every stream cycles independently, so a
-    40-image labeled set pairs with a 60k-image unlabeled pool.
-    """
-    iterators = {prefix: loader.forever() for prefix, loader in streams.items()}
-    for _ in range(steps):
-        batch: dict[str, torch.Tensor] = {}
-        for prefix, it in iterators.items():
-            for key, value in next(it).items():
-                batch[prefix + key] = value
-        yield batch

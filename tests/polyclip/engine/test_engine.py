@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from polyclip.engine import LARS, ArrayLoader, build_optimizer, build_scheduler, train_one_epoch, zip_streams
+from polyclip.engine import LARS, ArrayLoader, build_optimizer, build_scheduler, fit_arrays
 from polyclip.methods.probe import ProbeTask
 
 
@@ -32,38 +32,14 @@ def test_shuffle_is_seeded_per_epoch():
     assert torch.equal(first, next(iter(loader))["x"]) and not torch.equal(first, second)
 
 
-def test_zip_streams_prefixes_and_cycles_the_small_stream():
-    small = ArrayLoader({"x": np.zeros(4), "y": np.zeros(4)}, 2)
-    big = ArrayLoader({"x": np.ones(100)}, 14)
-    batches = list(zip_streams({"": small, "u_": big}, steps=7))
-    assert len(batches) == 7 and set(batches[0]) == {"x", "y", "u_x"}
-    assert batches[0]["u_x"].shape == (14,)
-
-
-def test_train_one_epoch_learns_a_separable_problem():
+def test_fit_arrays_learns_a_separable_problem():
     torch.manual_seed(0)
     x = np.random.default_rng(0).normal(size=(400, 5)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     task = ProbeTask(5, 2, l2_normalize=False)
-    opt = build_optimizer(task.parameters(), "adam", 0.05)
-    for epoch in range(5):
-        loader = ArrayLoader({"x": x, "y": y}, 32, seed=epoch)
-        logs = train_one_epoch(task, iter(loader), opt, device=torch.device("cpu"))
+    logs = fit_arrays(task, {"x": x, "y": y}, epochs=5, batch_size=32, optimizer="adam", lr=0.05,
+                      scheduler="constant").history[-1]
     assert logs["train_acc"] > 0.9 and logs["train_loss"] < 0.4
-
-
-def test_nan_loss_is_reported():
-    class Bad(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def forward(self, batch):
-            return {"loss": self.w * float("nan")}
-
-    opt = build_optimizer(Bad().parameters(), "sgd", 0.1)
-    with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        train_one_epoch(Bad(), [{"x": torch.zeros(1)}], opt, device=torch.device("cpu"))
 
 
 def test_cosine_schedule_with_warmup():
