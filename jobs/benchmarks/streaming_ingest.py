@@ -13,9 +13,14 @@ With ``--baseline-tree DIR`` (a checkout of an older commit, e.g. ``git worktree
 /tmp/base f34fcaa``) the same runs are made with that tree's code in the same session,
 so the two paths are compared side by side on the same photos.
 
+``--throughput`` measures instead the steady-state FixMatch images/s (the last of 3
+epochs, so start-up is excluded) on Fashion-MNIST with 1 and 2 Train workers on the same
+cores, alternating the two trees within every repeat; medians over repeats.
+
 Usage::
 
     python -m jobs.benchmarks.streaming_ingest --sizes 2000 8000 [--baseline-tree /tmp/base]
+    python -m jobs.benchmarks.streaming_ingest --throughput --workers 1 2 --repeats 3 --baseline-tree /tmp/base
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ import json, sys
 from jobs import train
 metrics = train.main(sys.argv[1:])
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print("BENCH " + json.dumps({"driver_hwm_kb": hwm, "top1": metrics["test"]["top1"]}))
+last = metrics["history"][-1]
+print("BENCH " + json.dumps({"driver_hwm_kb": hwm, "top1": metrics["test"]["top1"],
+                             "images_per_s": last.get("train_images_per_s")}))
 """
 
 
@@ -70,7 +77,7 @@ class RayProcessSampler(threading.Thread):
                 if not name.isdigit() or int(name) in self.before:
                     continue
                 found = _rss_kb(int(name))
-                if found is None or "default_worker.py" not in found[0] and not found[0].startswith("ray::"):
+                if found is None or ("default_worker.py" not in found[0] and not found[0].startswith("ray::")):
                     continue
                 key = "train_worker_kb" if "RayTrainWorker" in found[0] else "other_ray_worker_kb"
                 self.peaks[key] = max(self.peaks[key], found[1])
@@ -103,11 +110,59 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
             "seconds": round(seconds, 1)}
 
 
+def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int) -> float:
+    """Steady-state images/s (last of 3 epochs) of FixMatch on Fashion-MNIST with ``workers`` Train workers."""
+    overrides = [f"name=tput-{label}-{workers}", "data.unlabeled=20000", "train.epochs=3",
+                 f"train.steps_per_epoch={steps}", "train.eval_every=3", "train.batch_size=16", "method.mu=7",
+                 f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "data.test_limit=500",
+                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "--config", CONFIG, *overrides], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        (out / f"tput-{label}-{workers}.log").write_text(proc.stdout + proc.stderr)
+        raise RuntimeError(f"{label} throughput run failed (log: {out / f'tput-{label}-{workers}.log'})")
+    return float(json.loads(line[6:])["images_per_s"])
+
+
+def throughput(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    import statistics
+
+    if args.baseline_tree is None:
+        raise SystemExit("--throughput compares with --baseline-tree")
+    rows = []
+    for workers in args.workers:
+        runs: dict[str, list[float]] = {"streamed": [], "payload": []}
+        for repeat in range(args.repeats):
+            order = [("streamed", ROOT), ("payload", args.baseline_tree.resolve())]
+            for label, tree in order if repeat % 2 == 0 else order[::-1]:
+                runs[label].append(throughput_once(tree, workers, out, label, args.steps))
+                print(json.dumps({"workers": workers, "path": label, "images_per_s": runs[label][-1]}), flush=True)
+        streamed, payload = statistics.median(runs["streamed"]), statistics.median(runs["payload"])
+        rows.append({"workers": workers, "streamed_img_s": round(streamed, 1), "payload_img_s": round(payload, 1),
+                     "ratio": round(streamed / payload, 3), "repeats": args.repeats})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
     parser.add_argument("--baseline-tree", type=Path, default=None, help="checkout of the code to compare with")
+    parser.add_argument("--throughput", action="store_true", help="steady-state images/s instead of memory")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="steps per epoch in --throughput")
     args = parser.parse_args(argv)
+    if args.throughput:
+        out = out_dir("streaming_throughput").resolve()
+        rows = throughput(args, out)
+        table = markdown_table(rows)
+        atomic_write_json(out / "results.json", {"command": command_line(), "rows": rows})
+        atomic_write_text(out / "results.md", f"`{command_line()}`\n\n{table}\n")
+        print(table)
+        return rows
     from jobs.benchmarks.photo_folders import make_photo_folder
 
     out = out_dir("streaming_ingest").resolve()
