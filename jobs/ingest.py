@@ -48,6 +48,9 @@ logger = logging.getLogger("polyclip.ingest")
 #: Paths per Ray Data block: small tables still spread over many tasks, a 10M-image pool
 #: makes ~10k blocks of 1024 paths.
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS, TARGET_BLOCKS = 16, 1024, 200
+#: Images per decoded output block: a 1024-path block at 224 px would make one 150 MB
+#: output; batches of 128 (~19 MB) stream out of the task as they are decoded.
+DECODE_BATCH = 128
 #: Files each decode task reads at once (I/O bound on object stores; decoding stays serial).
 READ_THREADS = 8
 #: Skipped paths kept for the report (the counts cover all of them).
@@ -266,7 +269,7 @@ def image_dataset(
         blocks = [paths]
     decode = _DecodeBatch(image_size, channels, s3 or S3Options.from_env(), stats, strict, max_pixels)
     return ray.data.from_arrow(blocks).map_batches(
-        decode, batch_size=None, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=True
+        decode, batch_size=min(step, DECODE_BATCH), batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=True
     )
 
 
