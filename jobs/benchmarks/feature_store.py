@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                batch_size=args.batch_size, concurrency=args.workers, num_rows=n)
         timings["ray_data_path"].append(time.perf_counter() - t0)
         max_diff = float(np.abs(entry.to_numpy() - reference).max())
+        print(f"repeat {repeat}: old actor path {timings['old_actor_path'][-1]:.1f} s, "
+              f"Ray Data path {timings['ray_data_path'][-1]:.1f} s for {n} images", flush=True)
 
     stats: dict[str, Any] = {}
     cache = FeatureCache(root / "cache")

@@ -122,3 +122,19 @@ def test_encoder_drops_rows_of_finished_shards_and_fractional_cpus():
     assert cpu_share(2, 2.0) == 0.5 and cpu_share(1, 2.0) == 1.0 and cpu_share(8, 64.0) == 1.0
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         images_dataset(np.zeros((3, 8, 8), dtype=np.uint8))
+
+
+def test_autocast_precision_choice_and_bf16_inference():
+    import torch
+
+    from jobs.features import inference_dtype
+
+    assert inference_dtype(torch.device("cpu")) is None  # CPU actors stay fp32 unless asked
+    assert inference_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="'half'"):
+        inference_dtype(torch.device("cpu"), "half")
+    batch = {"row": np.arange(4), "image": np.random.default_rng(0).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)}
+    fp32 = BatchEncoder("random:small_cnn@8", None, precision="fp32")(batch)["features"]
+    bf16 = BatchEncoder("random:small_cnn@8", None, precision="bf16")(batch)["features"]
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # autocast really ran in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
