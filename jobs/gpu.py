@@ -188,6 +188,36 @@ def _decide_auto(num_workers: int) -> GpuDecision:
                               "(set scaling.use_gpu=true to scale a GPU group up from zero)")
 
 
+def infeasible_gpu_bundles() -> list[dict[str, float]]:
+    """GPU bundles that the autoscaler says no node type can ever hold.
+
+    Read from the autoscaling state that Ray's v2 autoscaler reports to the GCS
+    (``infeasible_cluster_resource_constraints``: requests of ``request_resources`` that no
+    node type fits). The v1 autoscaler reports none, so this is empty there and the wait
+    runs to its end.
+
+    Returns:
+        The infeasible bundles that ask for GPUs (empty when none, or when unknown).
+    """
+    import ray
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply  # type: ignore[attr-defined]
+
+    try:
+        raw = GcsClient(address=ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=5)
+        reply = GetClusterStatusReply.FromString(raw)
+    except Exception as exc:  # no autoscaler state (yet): nothing known to be infeasible
+        logger.debug("could not read the autoscaling state: %s", exc)
+        return []
+    bundles = []
+    for constraint in reply.autoscaling_state.infeasible_cluster_resource_constraints:
+        for request in constraint.resource_requests:
+            bundle = dict(request.request.resources_bundle)
+            if bundle.get("GPU", 0) > 0:
+                bundles.append(bundle)
+    return bundles
+
+
 def _describe_cluster() -> str:
     import ray
 
@@ -222,8 +252,9 @@ def wait_for_gpus(count: int, timeout_s: float, *, cpus_per_gpu: float = 1.0, po
 
     Raises:
         ValueError: ``count < 1``, or a negative ``timeout_s`` / ``cpus_per_gpu``.
-        RuntimeError: The GPUs did not come within ``timeout_s``; the message names the
-            wait and what the cluster has.
+        RuntimeError: The GPUs did not come within ``timeout_s``, or the autoscaler said
+            earlier that no node type can hold them; the message names the wait and what
+            the cluster has.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1 GPU, got {count!r}")
@@ -243,22 +274,28 @@ def wait_for_gpus(count: int, timeout_s: float, *, cpus_per_gpu: float = 1.0, po
                 timeout_s, count, have, count, bundle)
     start = time.monotonic()
     request_resources(bundles=[dict(bundle) for _ in range(count)])
+    infeasible: list[dict[str, float]] = []
     try:
         while True:
             have = cluster_gpus()
             if have >= count:
                 logger.info("%g GPUs after %.1fs", have, time.monotonic() - start)
                 return have
+            infeasible = infeasible_gpu_bundles()
             left = timeout_s - (time.monotonic() - start)
-            if left <= 0:
+            if infeasible or left <= 0:
                 break
             time.sleep(min(poll_s, left))
     finally:
         request_resources(bundles=[])
+    waited = time.monotonic() - start
+    why = (f"after {waited:.0f}s of scaling.gpu_wait_s={timeout_s:g}s the autoscaler reports that no node type "
+           f"can hold {infeasible[0]}, and" if infeasible
+           else f"after waiting {timeout_s:g}s (scaling.gpu_wait_s)")
     raise RuntimeError(
-        f"scaling.use_gpu wants {count} GPUs, but after waiting {timeout_s:g}s (scaling.gpu_wait_s) the cluster has "
-        f"{_describe_cluster()}. Not training on CPU: add GPU nodes (an autoscaler node type with GPUs and "
-        "max_workers > 0), raise scaling.gpu_wait_s, or set scaling.use_gpu=false.")
+        f"scaling.use_gpu wants {count} GPUs, but {why} the cluster has {_describe_cluster()}. Not training on "
+        "CPU: add GPU nodes (an autoscaler node type with GPUs and max_workers > 0), raise scaling.gpu_wait_s, "
+        "or set scaling.use_gpu=false.")
 
 
 def resolve_gpu(scaling: ScalingLike, *, num_workers: int) -> GpuDecision:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,43 @@ def test_the_choice_is_logged(cluster, caplog):
     with caplog.at_level("INFO", logger="polyclip"):
         decide_gpu(ScalingSection(use_gpu="auto"), num_workers=1)
     assert any(r.getMessage().startswith("training device: GPU (scaling.use_gpu=auto") for r in caplog.records)
+
+
+V2_SCRIPT = """
+import json, time, ray
+for attempt in range(3):  # Ray's fixed 30 s node registration can be overrun on a loaded machine
+    try:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+        break
+    except Exception as exc:
+        if "timed out during startup" not in str(exc) or attempt == 2:
+            raise
+from jobs.gpu import wait_for_gpus
+start = time.monotonic()
+try:
+    wait_for_gpus(1, 300, poll_s=0.5)
+    print(json.dumps({"raised": None}))
+except RuntimeError as exc:
+    print(json.dumps({"raised": str(exc), "seconds": time.monotonic() - start}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_required_gpus_fail_early_when_the_v2_autoscaler_has_no_node_type_for_them():
+    """Ray's v2 autoscaler (KubeRay ``autoscalerOptions.version: v2``) says when no node type
+    fits a request; the wait stops there instead of running out its 300 s. A separate
+    process: the v2 switch is read when Ray starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_enable_autoscaler_v2": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", V2_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"], result
+    assert "the autoscaler reports that no node type can hold {" in result["raised"], result
+    assert "'GPU': 1.0" in result["raised"] and "the cluster has 1 alive nodes, 0 GPUs" in result["raised"]
+    assert result["seconds"] < 200, result
