@@ -4,8 +4,9 @@
 
 * ``true``: the job needs ``num_workers`` GPUs. :func:`wait_for_gpus` asks the autoscaler
   for them (``ray.autoscaler.sdk.request_resources``) and waits up to ``scaling.gpu_wait_s``;
-  if they do not come, it raises a ``RuntimeError`` that names the wait and what the cluster
-  has, instead of letting the job train on CPU or sit forever on a pending placement group.
+  if they do not come (or Ray's v2 autoscaler says no node type fits them), it raises a
+  ``RuntimeError`` that names the wait and what the cluster has, instead of letting the job
+  train on CPU or sit forever on a pending placement group.
 * ``false``: CPU workers.
 * ``auto``: :func:`decide_gpu` picks GPUs when the cluster has enough of them now, or when
   the autoscaler's node types can provide them (a node group with GPUs and ``max_count``
