@@ -92,18 +92,24 @@ def load_split_data(data: DataConfig, seed: int, *, default_image_size: int = 64
     return dataset, split
 
 
-def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[str, Any]) -> dict[str, Any]:
-    """Run the method's ``prepare`` on the driver (feature caching included)."""
+def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[str, Any],
+                    use_gpu: bool | None = None) -> dict[str, Any]:
+    """Run the method's ``prepare`` on the driver (feature caching included).
+
+    Args:
+        use_gpu: Encode features on GPU actors (the job's device decision); ``None``: if
+            the cluster has GPUs now.
+    """
     cache = FeatureCache(cfg.run.cache_dir)
 
     def features(spec: str, image_size: int | None, subset: str) -> np.ndarray:
         if subset == "unlabeled" and isinstance(dataset, SourceDataset):
-            return pool_features(cfg, dataset, split, spec, image_size, stats)
+            return pool_features(cfg, dataset, split, spec, image_size, stats, use_gpu)
         pool = "test" if subset == "test" and split.test_from == "test" else "train"
         indices = getattr(split, subset)
         images = (dataset.test if pool == "test" else dataset.train).images[indices]  # type: ignore[union-attr]
         return cached_features(cache, spec, image_size, dataset.fingerprint, dataset.spec, pool, indices, images,
-                               num_workers=cfg.run.encode_workers, stats=stats)
+                               num_workers=cfg.run.encode_workers, stats=stats, use_gpu=use_gpu)
 
     ctx = PrepareContext(cfg=cfg, dataset=dataset, split=split, features=features)
     payload = RECIPES[cfg.method.name].prepare(ctx, cfg.method)
@@ -112,7 +118,7 @@ def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[
 
 
 def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str, image_size: int | None,
-                  stats: dict[str, Any]) -> np.ndarray:
+                  stats: dict[str, Any], use_gpu: bool | None = None) -> np.ndarray:
     """Features of a source's unlabeled pool: decoded and encoded in Ray Data, stored shard by shard.
 
     The pixels never reach the driver; the features come back as one array (``N x D``
@@ -135,7 +141,8 @@ def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: st
     entry = store.open(key)
     hit = entry is not None and entry.num_rows == rows
     if not hit:
-        entry = encode_dataset(ds, spec, image_size, store, key, use_gpu=ray.cluster_resources().get("GPU", 0) >= 1,
+        gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu is None else use_gpu
+        entry = encode_dataset(ds, spec, image_size, store, key, use_gpu=gpu,
                                concurrency=cfg.run.encode_workers, num_rows=rows,
                                description=describe(spec, image_size or 0, dataset.spec, "pool", rows))
     seconds = time.perf_counter() - start
@@ -226,7 +233,11 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     logger.info("%s: %d classes, %d labeled, %d unlabeled, %d val, %d test images", dataset.spec,
                 dataset.num_classes, len(split.labeled), len(split.unlabeled), len(split.val), len(split.test))
     stats: dict[str, Any] = {}
-    payload = prepare_payload(cfg, dataset, split, stats)
+    from jobs.trainer import use_gpu
+
+    # Decided (and GPUs waited for) once, before feature encoding, which then runs on the same kind of device.
+    gpu = use_gpu(cfg)
+    payload = prepare_payload(cfg, dataset, split, stats, use_gpu=gpu)
     # Before training, so a label without a word vector fails now rather than after the run.
     similarity = None if cfg.word_vectors is None else label_similarity_for(cfg, dataset.class_names, payload)
     t_prepared = time.perf_counter()

@@ -208,9 +208,7 @@ def use_gpu(cfg: JobConfig) -> bool:
     """
     from jobs.gpu import resolve_gpu
 
-    decision = resolve_gpu(cfg.scaling, num_workers=cfg.scaling.num_workers)
-    logger.info("training on %s: %s", "GPUs" if decision.use_gpu else "CPUs", decision.reason)
-    return decision.use_gpu
+    return resolve_gpu(cfg.scaling, num_workers=cfg.scaling.num_workers).use_gpu  # logs the choice and reason
 
 
 def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
