@@ -43,12 +43,10 @@ class ImageDecodeError(ValueError):
     """
 
     def __init__(self, message: str, reason: str = "corrupt") -> None:
+        # ``args`` stays ``(message,)`` and ``reason`` lives in ``__dict__``, so the default
+        # exception pickling (Ray tasks) keeps it, and subclasses with other signatures work.
         super().__init__(message)
         self.reason = reason
-
-    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str, str]]:
-        # Keeps ``reason`` when the error crosses a process boundary (Ray tasks).
-        return (type(self), (str(self), self.reason))
 
 
 def decode_image(

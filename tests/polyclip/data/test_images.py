@@ -109,3 +109,15 @@ def test_decode_errors_carry_a_reason_that_survives_serialisation():
     with pytest.raises(ImageDecodeError) as info:
         decode_image(_png()[:60], 8)
     assert info.value.reason == "corrupt"
+
+
+def test_a_subclass_with_its_own_signature_still_copies():
+    import copy
+
+    class TooLargeError(ImageDecodeError):
+        def __init__(self, message, width=None):
+            super().__init__(message, "too_large")
+            self.width = width
+
+    again = copy.deepcopy(TooLargeError("big", width=9000))
+    assert (again.width, again.reason, str(again)) == (9000, "too_large", "big")
