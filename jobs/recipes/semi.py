@@ -30,8 +30,15 @@ from polyclip.augment.fixmatch import fixmatch_strong, fixmatch_weak
 from polyclip.backbones import create_backbone
 from polyclip.methods.class_aware_threshold import ClassAwareThreshold
 from polyclip.methods.fixmatch import FixMatchTask
+from polyclip.methods.label_propagation import label_propagation_teacher, propagate_with_validation
 from polyclip.methods.pseudo_label import PseudoLabelTask, ThresholdSchedule, pseudo_label_report
-from polyclip.methods.teacher import ensemble_teacher, fit_probe_teacher, zero_shot_teacher
+from polyclip.methods.teacher import (
+    choose_confidence_threshold,
+    ensemble_teacher,
+    fit_probe_teacher,
+    select_probe_teacher,
+    zero_shot_teacher,
+)
 
 logger = logging.getLogger("polyclip")
 
@@ -53,13 +60,22 @@ class AdaptiveThresholdParams(_Section):
 class TeacherParams(_Section):
     """Who labels the unlabeled pool, and which labels are kept."""
 
-    kind: Literal["probe", "zero_shot", "ensemble"] = "probe"
+    kind: Literal["probe", "zero_shot", "ensemble", "propagation"] = "probe"
     spec: str = Field("efficientnet_lite:0", description="probe / zero_shot: create_backbone spec "
                       "(checkpoint:<run dir> for a trained polyclip model)")
     image_size: int | None = Field(112, gt=0)
     path: str | None = Field(None, description="ensemble: folder of a saved ensemble (polyclip.ensemble)")
-    l2_reg: float = Field(1e-3, ge=0, description="probe: L2 penalty (sets how confident the teacher is)")
-    threshold: float = Field(0.98, ge=0, le=1)
+    l2_reg: float | None = Field(None, ge=0, description="probe: L2 penalty (sets how confident the teacher is); "
+                                 "null: chosen by held-out NLL on the validation split (or folds of the labeled set)")
+    threshold: float | None = Field(None, ge=0, le=1, description="acceptance threshold; null: the lowest whose "
+                                    "held-out precision reaches target_precision (never read from the pool's labels)")
+    target_precision: float = Field(0.9, gt=0, le=1, description="threshold: null: held-out precision to reach")
+    extra_specs: list[str] = Field(default_factory=list, description="propagation: more backbones whose "
+                                   "L2-normalised features are concatenated with spec's")
+    k: int = Field(20, ge=1, description="propagation: neighbours in the kNN graph")
+    alpha: float = Field(0.99, gt=0, lt=1, description="propagation: Zhou et al.'s alpha")
+    balance: Literal["sinkhorn", "distribution_alignment", "none"] = Field(
+        "sinkhorn", description="propagation: class balancing of the propagated labels")
     threshold_end: float | None = Field(None, ge=0, le=1, description="linear schedule: threshold at the last epoch")
     schedule: Literal["constant", "linear"] = "constant"
     weight: float = Field(1.0, ge=0, description="weight of the teacher-label loss")
@@ -68,8 +84,8 @@ class TeacherParams(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TeacherParams:
-        if self.schedule == "linear" and self.threshold_end is None:
-            raise ValueError("teacher.schedule=linear needs teacher.threshold_end")
+        if self.schedule == "linear" and (self.threshold_end is None or self.threshold is None):
+            raise ValueError("teacher.schedule=linear needs teacher.threshold and teacher.threshold_end")
         if self.kind == "ensemble" and not self.path:
             raise ValueError("teacher.kind=ensemble needs teacher.path (a saved ensemble folder)")
         return self
@@ -100,20 +116,84 @@ class SemiParams(MethodParams):
 
 
 def schedule_of(teacher: TeacherParams, epochs: int) -> ThresholdSchedule:
-    """The teacher's threshold schedule over a job's epochs."""
+    """The teacher's threshold schedule over a job's epochs (its threshold must be set or resolved)."""
+    if teacher.threshold is None:
+        raise ValueError("teacher.threshold is unresolved: resolve_teacher() chooses it on validation data")
     return ThresholdSchedule(teacher.threshold, teacher.threshold_end, epochs=epochs, kind=teacher.schedule)
+
+
+def resolve_teacher(ctx: PrepareContext, teacher: TeacherParams) -> tuple[np.ndarray, TeacherParams, dict[str, Any]]:
+    """The teacher's pool probabilities, with every unset choice (L2, threshold) made on held-out labeled data.
+
+    Selection reads the validation split (or folds of the labeled set), never the held-back
+    labels of the pool: those only measure the result in the report.
+
+    Returns:
+        ``(probabilities (N_u, C), the teacher's params with threshold and l2_reg filled in,
+        what was selected and on what)``.
+    """
+    num_classes = len(ctx.dataset.class_names)
+    has_val = len(ctx.indices("val")) > 0
+    selection: dict[str, Any] = {}
+    resolved = teacher.model_copy()
+    if teacher.kind == "probe":
+        labeled = ctx.features(teacher.spec, teacher.image_size, "labeled")
+        val = ctx.features(teacher.spec, teacher.image_size, "val") if has_val else None
+        if teacher.l2_reg is None or teacher.threshold is None:
+            chosen = select_probe_teacher(labeled, ctx.labels("labeled"), num_classes, val_features=val,
+                                          val_labels=ctx.labels("val") if has_val else None,
+                                          target_precision=teacher.target_precision, seed=ctx.cfg.seed)
+            selection = chosen.to_dict()
+            resolved.l2_reg = teacher.l2_reg if teacher.l2_reg is not None else chosen.l2_reg
+            resolved.threshold = teacher.threshold if teacher.threshold is not None else chosen.threshold
+        pool = ctx.features(teacher.spec, teacher.image_size, "unlabeled")
+        probs = fit_probe_teacher(labeled, ctx.labels("labeled"), pool, num_classes, l2_reg=resolved.l2_reg)
+        return probs, resolved, selection
+    if teacher.kind == "propagation":
+        specs = [teacher.spec, *teacher.extra_specs]
+        subsets = ("labeled", "unlabeled", "val") if has_val else ("labeled", "unlabeled")
+        feats = {s: [ctx.features(spec, teacher.image_size, s) for spec in specs] for s in subsets}
+        options = dict(k=teacher.k, alpha=teacher.alpha, balance=teacher.balance)
+        if has_val:
+            probs, val_probs = propagate_with_validation(feats["labeled"], ctx.labels("labeled"), feats["unlabeled"],
+                                                         feats["val"], num_classes, **options)
+        else:
+            probs, val_probs = label_propagation_teacher(feats["labeled"], ctx.labels("labeled"), feats["unlabeled"],
+                                                         num_classes, **options), None
+        if teacher.threshold is None:
+            if val_probs is None:
+                raise ValueError("teacher.kind=propagation with threshold: null chooses the threshold on the "
+                                 "validation split; set data.val_per_class > 0 or a teacher.threshold")
+            threshold, precision, rate = choose_confidence_threshold(val_probs, ctx.labels("val"),
+                                                                     target_precision=teacher.target_precision)
+            resolved.threshold = threshold
+            selection = {"threshold": threshold, "selected_on": "validation", "precision": precision,
+                         "accepted_rate": rate, "held_out": len(val_probs)}
+        return probs, resolved, selection
+    if teacher.threshold is None:
+        # Zero-shot and ensemble teachers need no training data: their threshold is chosen on validation.
+        if not has_val:
+            raise ValueError(f"teacher.kind={teacher.kind} with threshold: null chooses the threshold on the "
+                             "validation split; set data.val_per_class > 0 or a teacher.threshold")
+        val_probs = _fixed_teacher_probabilities(ctx, teacher, "val")
+        threshold, precision, rate = choose_confidence_threshold(val_probs, ctx.labels("val"),
+                                                                 target_precision=teacher.target_precision)
+        resolved.threshold = threshold
+        selection = {"threshold": threshold, "selected_on": "validation", "precision": precision,
+                     "accepted_rate": rate, "held_out": len(val_probs)}
+    return _fixed_teacher_probabilities(ctx, teacher, "unlabeled"), resolved, selection
 
 
 def teacher_probabilities(ctx: PrepareContext, teacher: TeacherParams) -> np.ndarray:
     """The teacher's class probabilities over the unlabeled pool ``(N_u, C)`` (driver side)."""
-    num_classes = len(ctx.dataset.class_names)
-    if teacher.kind == "probe":
-        labeled = ctx.features(teacher.spec, teacher.image_size, "labeled")
-        pool = ctx.features(teacher.spec, teacher.image_size, "unlabeled")
-        return fit_probe_teacher(labeled, ctx.labels("labeled"), pool, num_classes, l2_reg=teacher.l2_reg)
+    return resolve_teacher(ctx, teacher)[0]
+
+
+def _fixed_teacher_probabilities(ctx: PrepareContext, teacher: TeacherParams, subset: str) -> np.ndarray:
+    """Probabilities of a teacher that needs no fitting (zero-shot, a saved ensemble) over a subset."""
     if teacher.kind == "zero_shot":
         backbone = create_backbone(teacher.spec, image_size=teacher.image_size)
-        pool = ctx.features(teacher.spec, teacher.image_size, "unlabeled")
+        pool = ctx.features(teacher.spec, teacher.image_size, subset)
         return zero_shot_teacher(backbone, ctx.dataset.class_names, pool)
     from polyclip.ensemble import load_ensemble
 
@@ -121,7 +201,7 @@ def teacher_probabilities(ctx: PrepareContext, teacher: TeacherParams) -> np.nda
     if list(ensemble.class_names) != list(ctx.dataset.class_names):
         raise ValueError(f"ensemble {teacher.path} predicts {ensemble.class_names}, the dataset has "
                          f"{ctx.dataset.class_names}")
-    features = [ctx.features(b.spec, b.image_size, "unlabeled") for b in ensemble.backbones]
+    features = [ctx.features(b.spec, b.image_size, subset) for b in ensemble.backbones]
     return ensemble_teacher(ensemble, features)
 
 
@@ -133,12 +213,19 @@ def prepare(ctx: PrepareContext, params: SemiParams) -> dict[str, Any]:
     if params.teacher is None:
         payload["unlabeled"] = ctx.unlabeled()  # streamed to the workers; y is held back, logged only
         return payload
-    probs = teacher_probabilities(ctx, params.teacher)
-    schedule = schedule_of(params.teacher, ctx.cfg.train.epochs)
+    probs, teacher_params, selection = resolve_teacher(ctx, params.teacher)
+    payload["info"]["teacher"] = teacher_params.model_dump()  # the worker builds its schedule from the resolved values
+    if selection:
+        payload["info"]["teacher_selection"] = selection
+        logger.info("teacher %s: threshold %.3f%s chosen on %s (held-out precision %.3f)", params.teacher.kind,
+                    teacher_params.threshold, f", l2_reg {teacher_params.l2_reg:g}" if teacher_params.l2_reg else "",
+                    selection.get("selected_on"), selection.get("precision", float("nan")))
+    schedule = schedule_of(teacher_params, ctx.cfg.train.epochs)
     held_back = ctx.labels("unlabeled")
     if len(held_back) == len(probs):  # a pool from an unlabeled source has no labels to check the teacher against
         report = pseudo_label_report(probs, held_back, ctx.dataset.class_names, schedule.values())
-        report.update(kind=params.teacher.kind, spec=params.teacher.spec, schedule=params.teacher.schedule)
+        report.update(kind=params.teacher.kind, spec=params.teacher.spec, schedule=params.teacher.schedule,
+                      selection=selection or "set in the config")
         payload["info"]["report"] = {"teacher": report}
         first = report["thresholds"][0]
         logger.info("teacher %s: pool accuracy %.3f; at threshold %.3f accepts %d (precision %s); never passing: %s",
@@ -169,7 +256,8 @@ def build_task(cfg: Any, params: SemiParams, payload: dict[str, Any]) -> nn.Modu
     class_names = list(payload["class_names"])
     num_classes = len(class_names)
     weak = fixmatch_weak(flip_p=params.flip_p, max_shift=params.max_shift)
-    schedule = schedule_of(params.teacher, cfg.train.epochs) if params.teacher is not None else None
+    teacher = _resolved_teacher(params, payload)
+    schedule = schedule_of(teacher, cfg.train.epochs) if teacher is not None else None
     common = dict(ema_decay=params.ema_decay, class_names=class_names, head_hidden=params.head_hidden,
                   head_depth=params.head_depth)
     if params.unlabeled_loss == "none":
@@ -187,6 +275,14 @@ def build_task(cfg: Any, params: SemiParams, payload: dict[str, Any]) -> nn.Modu
                         strong=strong, thresholds=adaptive,
                         teacher_mode=params.teacher.mode if params.teacher else None, teacher_schedule=schedule,
                         teacher_weight=params.teacher.weight if params.teacher else 1.0, **common)  # type: ignore[arg-type]
+
+
+def _resolved_teacher(params: SemiParams, payload: dict[str, Any]) -> TeacherParams | None:
+    """The teacher's params as ``prepare`` resolved them (thresholds chosen on validation), else the config's."""
+    stored = payload.get("info", {}).get("teacher")
+    if stored is not None:
+        return TeacherParams.model_validate(stored)
+    return params.teacher
 
 
 def streams(params: SemiParams) -> dict[str, tuple[str, int]]:

@@ -47,6 +47,27 @@ def test_prepare_labels_the_pool_and_reports_teacher_precision():
     assert RECIPES["semi"].streams(cfg.method) == {"": ("train", 1), "u_": ("unlabeled", 2)}
 
 
+@pytest.mark.parametrize("kind", ["probe", "propagation"])
+def test_unset_teacher_choices_are_made_on_validation_never_on_the_pool(kind):
+    """threshold (and the probe's L2) left null are chosen on the validation split: scrambling the pool's held-back
+    labels changes nothing chosen, and the worker builds its schedule from the resolved values."""
+    cfg = load_config(CONFIGS / "fm40_combined.yaml", [*TINY, "method.teacher.spec=pixels",
+                                                       "method.teacher.image_size=null", f"method.teacher.kind={kind}",
+                                                       "method.teacher.threshold=null", "method.teacher.l2_reg=null",
+                                                       "method.teacher.k=5", "method.teacher.target_precision=0.3"])
+    ctx = pixel_context(cfg)
+    first = RECIPES["semi"].prepare(ctx, cfg.method)
+    selection = first["info"]["teacher_selection"]
+    assert selection["selected_on"] == "validation" and 0 < selection["threshold"] <= 1
+    assert first["info"]["teacher"]["threshold"] == selection["threshold"]
+    scrambled = pixel_context(cfg)
+    scrambled.dataset.train.labels[scrambled.split.unlabeled] = np.random.default_rng(1).permutation(
+        scrambled.dataset.train.labels[scrambled.split.unlabeled])
+    again = RECIPES["semi"].prepare(scrambled, cfg.method)
+    assert again["info"]["teacher_selection"]["threshold"] == selection["threshold"]
+    assert again["info"]["teacher"] == first["info"]["teacher"]
+
+
 def test_supervised_baseline_has_no_pool():
     cfg = load_config(CONFIGS / "fm40_supervised.yaml", TINY)
     payload = RECIPES["semi"].prepare(pixel_context(cfg), cfg.method)

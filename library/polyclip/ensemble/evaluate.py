@@ -112,7 +112,8 @@ def write_ensemble_report(results: Mapping[str, object], out_dir: str | os.PathL
         lines += ["\nCascade (backbones in cost order, stop when max probability >= threshold):\n",
                   markdown_table(curve, ["threshold", "accuracy", "mean_calls"])]
         if cascade.get("chosen"):
-            lines.append(f"\nChosen: {cascade['chosen']}\n")
+            lines.append(f"\nChosen on validation: {cascade['chosen']}; on the test set at that threshold: "
+                         f"{cascade.get('chosen_test')} (test data never chooses)\n")
         paths["cascade_plot"] = line_plot(
             {"cascade": ([p["mean_calls"] for p in curve], [p["accuracy"] for p in curve])},
             out / "cascade.png", "Cascade: accuracy vs backbone calls", "mean backbone calls per image", "accuracy")
