@@ -17,12 +17,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _start_ray():
+def _start_ray(attempts: int = 3):
+    """A fresh local Ray instance of the test session's own (``address="local"``: never one a user started).
+
+    Ray waits a fixed 30 s for a new node to register; on a loaded machine that can run
+    out, so the start is retried.
+    """
     import ray
 
     from jobs.runtime import project_runtime_env
 
-    ray.init(num_cpus=2, runtime_env=project_runtime_env(), logging_level="WARNING", include_dashboard=False)
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=2, runtime_env=project_runtime_env(), logging_level="WARNING",
+                     include_dashboard=False)
+            return ray
+        except Exception as exc:  # Ray raises a bare Exception for the registration timeout
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
     return ray
 
 
