@@ -280,6 +280,10 @@ class TrackingCallback:
         """Close every logger."""
         close_all(self.loggers)
 
+    def on_fit_error(self, state: Any, error: BaseException) -> None:
+        """Training failed: close every logger, so what was logged is flushed."""
+        close_all(self.loggers)
+
 
 __all__ = [
     "LOGGER_NAMES",

@@ -7,17 +7,27 @@ from polyclip.backbones.base import (
     normalize_images,
     preprocess_images,
 )
-from polyclip.backbones.factory import BackboneError, arch_spec, create_backbone, load_backbone, save_backbone
+from polyclip.backbones.factory import (
+    BackboneError,
+    arch_spec,
+    checkpoint_dir,
+    create_backbone,
+    load_backbone,
+    save_backbone,
+    weights_path,
+)
 
 __all__ = [
     "Backbone",
     "BackboneError",
     "Preprocessing",
     "arch_spec",
+    "checkpoint_dir",
     "create_backbone",
     "images_to_unit",
     "load_backbone",
     "normalize_images",
     "preprocess_images",
     "save_backbone",
+    "weights_path",
 ]

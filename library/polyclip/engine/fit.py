@@ -232,6 +232,9 @@ class Callback:
     def on_fit_end(self, state: FitState) -> None:
         """After the last epoch of this run (or of this segment)."""
 
+    def on_fit_error(self, state: FitState, error: BaseException) -> None:
+        """Training raised ``error`` (re-raised after the hooks): close files, flush trackers."""
+
 
 @dataclass
 class FitResult:
@@ -532,6 +535,17 @@ def fit(task: nn.Module, data: TaskData, settings: FitSettings, callbacks: Seque
     if state.rank == 0:
         logger.info("fit: %d epochs x %d steps on %s (precision %s, world size %d)", settings.epochs, steps, device,
                     {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+GradScaler"}[amp], state.world)
+    try:
+        _run_epochs(state, data, settings, callbacks, amp)
+    except BaseException as error:
+        _notify(callbacks, "on_fit_error", state, error)
+        raise
+    return FitResult(history=state.history, state=state)
+
+
+def _run_epochs(state: FitState, data: TaskData, settings: FitSettings, callbacks: Sequence[Any],
+                amp: torch.dtype | None) -> None:
+    steps, plateau = state.steps_per_epoch, state.plateau
     _notify(callbacks, "on_fit_start", state)
     end = min(settings.epochs, settings.stop_after_epoch or settings.epochs)
     per_step = sum(stream.batch_size for stream in data.streams.values())
@@ -554,7 +568,6 @@ def fit(task: nn.Module, data: TaskData, settings: FitSettings, callbacks: Seque
                                   if isinstance(v, float) and not k.startswith("per_class")))
         _notify(callbacks, "on_epoch_end", state, metrics)
     _notify(callbacks, "on_fit_end", state)
-    return FitResult(history=state.history, state=state)
 
 
 def validate(state: FitState, val: EvalSet) -> dict[str, float]:

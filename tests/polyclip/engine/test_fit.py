@@ -184,8 +184,17 @@ def test_non_finite_loss_fails_with_the_step_window():
             out["loss"] = out["loss"] * torch.tensor(float("inf"))
             return out
 
+    class Errors:
+        def __init__(self):
+            self.seen = []
+
+        def on_fit_error(self, state, error):
+            self.seen.append(type(error).__name__)
+
+    errors = Errors()
     with pytest.raises(FloatingPointError, match=r"between steps 1 and 4 of epoch 1"):
-        fit(Exploding(), _task_data(), SETTINGS)
+        fit(Exploding(), _task_data(), SETTINGS, [errors])
+    assert errors.seen == ["FloatingPointError"]  # e.g. trackers close and flush what was logged
 
 
 def test_precision_choice():
