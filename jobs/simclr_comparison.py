@@ -159,10 +159,10 @@ def freeze_encoder(source: Path, folder: Path, kind: str) -> str:
 def simclr_encoder(comparison: ComparisonConfig, pretrain: JobConfig) -> Path:
     """The SimCLR encoder folder: ``encoder:`` if given, else the pretraining run's (run if unfinished)."""
     from jobs.train import run_job
-    from polyclip.backbones.factory import _checkpoint_dir
+    from polyclip.backbones import checkpoint_dir
 
     if comparison.encoder:
-        return _checkpoint_dir(comparison.encoder)
+        return checkpoint_dir(comparison.encoder)
     run_dir = pretrain.run_dir
     stored = run_dir / "config.yaml"
     done = ((run_dir / "metrics.json").exists() and stored.exists()
@@ -170,7 +170,7 @@ def simclr_encoder(comparison: ComparisonConfig, pretrain: JobConfig) -> Path:
     if not done:
         logger.info("pretraining SimCLR: %s", pretrain.name)
         run_job(pretrain)
-    return _checkpoint_dir(str(run_dir / "checkpoint"))
+    return checkpoint_dir(str(run_dir / "checkpoint"))
 
 
 def random_encoder(simclr: Path, seed: int, folder: Path) -> Path:
