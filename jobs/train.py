@@ -129,7 +129,7 @@ def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: st
     from jobs.features import encode_dataset, weights_stamp
     from polyclip.backbones import create_backbone
     from polyclip.features.cache import describe, feature_key
-    from polyclip.features.store import FeatureStore
+    from polyclip.features.store import FeatureStore, ShardError
 
     store = FeatureStore(cfg.run.cache_dir)
     ds, rows = dataset.pool_images(split)
@@ -140,16 +140,27 @@ def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: st
     start = time.perf_counter()
     entry = store.open(key)
     hit = entry is not None and entry.num_rows == rows
+    if hit:
+        try:
+            return _record_pool(stats, spec, True, start, rows, entry.to_numpy())  # type: ignore[union-attr]
+        except ShardError as exc:  # damaged since it was indexed: re-encode the bad shards only
+            logger.warning("feature store entry %s: %s; re-encoding its damaged shards", key, exc)
+            hit = False
     if not hit:
         gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu is None else use_gpu
         entry = encode_dataset(ds, spec, image_size, store, key, use_gpu=gpu,
                                concurrency=cfg.run.encode_workers, num_rows=rows,
                                description=describe(spec, image_size or 0, dataset.spec, "pool", rows))
+    assert entry is not None
+    return _record_pool(stats, spec, False, start, rows, entry.to_numpy())
+
+
+def _record_pool(stats: dict[str, Any], spec: str, hit: bool, start: float, rows: int,
+                 features: np.ndarray) -> np.ndarray:
     seconds = time.perf_counter() - start
     stats.setdefault(spec, []).append({"hit": hit, "seconds": round(seconds, 3), "n": rows,
                                        "images_per_s": round(rows / max(seconds, 1e-9), 1)})
-    assert entry is not None
-    return entry.to_numpy()
+    return features
 
 
 def check_shared_storage(storage_path: str) -> None:

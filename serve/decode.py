@@ -40,7 +40,7 @@ class ImageTooLargeError(ImageDecodeError):
     """The image's pixel count exceeds the limit (the ingress answers 413)."""
 
     def __init__(self, message: str, width: int | None = None, height: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, "too_large")
         self.width = width
         self.height = height
 

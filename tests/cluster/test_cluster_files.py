@@ -91,7 +91,7 @@ def _cluster_spec_of(doc: dict) -> dict:
 def test_expected_files_exist():
     for rel in ["local/up.sh", "local/down.sh", "local/common.sh", "cloud/gpu-cluster.yaml",
                 "kubernetes/raycluster.yaml", "kubernetes/rayjob.yaml", "kubernetes/rayservice.yaml",
-                "runtime_env.yaml", "README.md"]:
+                "kubernetes/runs-volume.yaml", "runtime_env.yaml", "README.md"]:
         assert (CLUSTER / rel).is_file(), rel
 
 

@@ -70,7 +70,7 @@ def test_ensemble_job_end_to_end(ray_cluster, tmp_path):
                                  f"run.cache_dir={tmp_path / 'cache'}"])
     run_dir = tmp_path / "tiny-ensemble"
     for name in ("config.yaml", "split.json", "metrics.json", "ensemble.md", "ensemble_accuracy.png", "cascade.png",
-                 "ensemble/ensemble.json", "ensemble/heads.pt", "ensemble/combiner.pt"):
+                 "ensemble/ensemble.json", "ensemble/heads.safetensors", "ensemble/combiner.safetensors"):
         assert (run_dir / name).exists(), name
     acc = metrics["evaluation"]["accuracy"]
     assert set(acc) >= {"adaptive", "logit_average", "probability_average", "oracle", "single:pixels",
