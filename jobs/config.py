@@ -40,7 +40,8 @@ class DataConfig(StrictModel):
     unlabeled_source: str | None = Field(
         None, description="unlabeled pool: a flat folder/prefix of images (local, NFS, s3://...) or a CSV/Parquet "
         "manifest with a 'path' column; null: carve the pool out of the labeled dataset")
-    shuffle_buffer: int = Field(2048, ge=0, description="rows in the local shuffle buffer of streamed data")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer of streamed data "
+                                "(on top of a seeded permutation of the pool and a new block order every pass)")
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per streamed dataset")
 
     @field_validator("dataset")

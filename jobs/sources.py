@@ -171,7 +171,11 @@ class SourceDataset(Dataset):
         if len(rows) == 0:
             raise DatasetError("the unlabeled pool is empty (data.unlabeled: 0, or an empty unlabeled_source)")
         stats = IngestStats.create()  # corrupt pool files are dropped while streaming, and counted here
-        ds = image_dataset(table, self.image_size, channels=self.channels, rows=rows, stats=stats)
+        # A seeded permutation mixes classes across blocks (listings are in folder order); the
+        # blocks are reordered every pass, so a small local shuffle buffer suffices.
+        shuffled = rows[np.random.default_rng(split.seed).permutation(len(rows))]
+        ds = image_dataset(table, self.image_size, channels=self.channels, rows=shuffled, stats=stats)
+        ds = ds.randomize_block_order()
         position = np.full(table.num_rows, -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
         columns: dict[str, np.ndarray] = {}

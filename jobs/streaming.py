@@ -96,13 +96,19 @@ def arrays_to_dataset(arrays: Mapping[str, np.ndarray], block_rows: int = BLOCK_
     return ray.data.from_arrow_refs(blocks)
 
 
-def stream_split(arrays: Mapping[str, np.ndarray]) -> StreamedSplit:
-    """Arrays of a split, as a :class:`StreamedSplit`."""
+def stream_split(arrays: Mapping[str, np.ndarray], seed: int = 0) -> StreamedSplit:
+    """Arrays of a split, as a :class:`StreamedSplit` in a seeded random order, blocks reordered every pass.
+
+    The permutation mixes classes across blocks (a split in class or file order would
+    otherwise give one-class batches), so a small local shuffle buffer suffices.
+    """
     n = len(next(iter(arrays.values())))
-    return StreamedSplit(arrays_to_dataset(arrays), n, tuple(arrays))
+    order = np.random.default_rng(seed).permutation(n)
+    dataset = arrays_to_dataset({key: value[order] for key, value in arrays.items()})
+    return StreamedSplit(dataset.randomize_block_order(), n, tuple(arrays))
 
 
-def split_streamed(payload: dict[str, Any], stream_keys: set[str]) -> dict[str, StreamedSplit]:
+def split_streamed(payload: dict[str, Any], stream_keys: set[str], seed: int = 0) -> dict[str, StreamedSplit]:
     """Take the streamed splits out of a recipe's payload (in place): the pool always, large labeled splits too.
 
     Args:
@@ -116,7 +122,7 @@ def split_streamed(payload: dict[str, Any], stream_keys: set[str]) -> dict[str, 
         if isinstance(value, StreamedSplit):
             streamed[key] = value
         elif isinstance(value, dict) and (key == "unlabeled" or _rows(value) > STREAM_THRESHOLD):
-            streamed[key] = stream_split(value)
+            streamed[key] = stream_split(value, seed)
         else:
             continue
         payload[key] = {"streamed_rows": streamed[key].num_rows}
@@ -146,7 +152,7 @@ class ShardStream:
     """
 
     def __init__(self, name: str, batch_size: int, rows_per_worker: int, columns: tuple[str, ...], *,
-                 shuffle_buffer: int = 2048, prefetch_batches: int = 2, seed: int = 0,
+                 shuffle_buffer: int = 256, prefetch_batches: int = 2, seed: int = 0,
                  pin_memory: bool = False, shard: Any = None) -> None:
         if rows_per_worker < batch_size:
             raise ValueError(f"streamed split {name!r} has {rows_per_worker} rows per worker, fewer than one batch "

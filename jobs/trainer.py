@@ -224,7 +224,7 @@ def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[
 
     recipe = RECIPES[cfg.method.name]
     keys = {key for key, _ in recipe.streams(cfg.method).values()}
-    streamed = split_streamed(payload, keys)
+    streamed = split_streamed(payload, keys, cfg.seed)
     return ray.put(payload), streamed
 
 

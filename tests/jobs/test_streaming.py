@@ -75,3 +75,16 @@ def test_a_shard_smaller_than_a_batch_fails_clearly():
 def test_streamed_split_is_plain_data():
     split = StreamedSplit(dataset=None, num_rows=3, columns=("x",))
     assert split.info == {}
+
+
+def test_streamed_arrays_are_permuted_with_their_columns_aligned(ray_cluster):
+    """A split in class order streams in a seeded random order; every row keeps its own label and extras."""
+    from jobs.streaming import stream_split
+
+    x = np.arange(600, dtype=np.int64)
+    split = stream_split({"x": x, "y": x // 200, "teacher": x * 10}, seed=3)
+    rows = split.dataset.take_all()
+    first = [int(r["x"]) for r in rows[:50]]
+    assert len({v // 200 for v in first}) == 3  # the first rows already mix the three "classes"
+    assert all(int(r["y"]) == int(r["x"]) // 200 and int(r["teacher"]) == 10 * int(r["x"]) for r in rows)
+    assert sorted(int(r["x"]) for r in rows) == list(range(600))
