@@ -106,7 +106,9 @@ class ScalingSection(StrictModel):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpu_wait_s: float = Field(600.0, ge=0, description="use_gpu=true: how long to wait for GPUs before failing")
-    sync_batchnorm: bool = Field(False, description="convert BatchNorm to SyncBatchNorm across workers")
+    sync_batchnorm: bool | None = Field(
+        None, description="convert BatchNorm to SyncBatchNorm across GPU workers; null: on for SimCLR (its batch "
+        "statistics should see the global batch), off otherwise")
 
 
 class RunSection(StrictModel):

@@ -85,10 +85,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     task = recipe.build_task(cfg, cfg.method, payload)
-    if cfg.scaling.sync_batchnorm and world > 1:
+    sync = cfg.scaling.sync_batchnorm if cfg.scaling.sync_batchnorm is not None else cfg.method.name == "simclr"
+    if sync and world > 1:
         if device.type == "cuda":  # batch statistics over the global batch (SimCLR's convention)
             task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
-        elif rank == 0:
+        elif rank == 0 and cfg.scaling.sync_batchnorm:
             logger.warning("scaling.sync_batchnorm needs GPU workers (PyTorch's SyncBatchNorm has no CPU kernel); "
                            "BatchNorm stays per worker on %s", device)
     # DDP searches for unused parameters only for tasks that declare some (it costs a graph walk per step).
