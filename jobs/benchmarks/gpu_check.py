@@ -4,7 +4,7 @@ Usage::
 
     python -m jobs.benchmarks.gpu_check [--device auto|cuda|cpu] [--backbone efficientnet_lite:0]
         [--image-size N] [--batch B ...] [--mu MU] [--steps N] [--warmup N] [--aug-batch N]
-        [--precisions fp32 bf16 fp16] [--budget-s S] [--out FILE]
+        [--precisions fp32 bf16 fp16] [--methods probe finetune_ce ...] [--budget-s S] [--out FILE]
 
 The GPU machine has torch, timm and torchvision but no Ray, so this imports torch and the
 library only (``PYTHONPATH=library``; kornia and the efficientnet-lite weights package are
@@ -24,6 +24,10 @@ NCCL on CUDA, gloo on CPU, as one Ray Train worker would. It checks and measures
    the device vs fp32 on the CPU, within a tolerance per precision.
 4. **Augmentation on the device** (kornia, ``fixmatch_weak`` / ``fixmatch_strong``):
    images/s, and that the output stays on the device; on CUDA also the CPU figure.
+5. **One step of each method** as the jobs build it (``--methods``): a probe on frozen
+   features, fine-tuning with CE and with CES, distillation, FixMatch with adaptive
+   thresholds and a teacher, SimCLR; images/s per precision, finite losses, and for the
+   deterministic ones (probe, CE, CES, distillation) the first loss vs fp32 on the CPU.
 
 Images are Fashion-MNIST (``load_dataset("fashion_mnist")``), upsampled on the device to the
 backbone's size; without the dataset files, the synthetic dataset (recorded in ``data``).
@@ -99,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cudnn autotuning)")
     parser.add_argument("--aug-batch", type=int, default=None, help="images per augmentation call")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="methods of the per-method table (one training step each)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on CPU, torch's on CUDA)")
@@ -346,6 +352,98 @@ def bench_augment(unit: torch.Tensor, device: torch.device, reps: int = 3) -> di
     return row
 
 
+#: Methods of the per-method table: one training step each, as the jobs build them.
+METHODS = ("probe", "finetune_ce", "finetune_ces", "distill", "fixmatch_teacher", "simclr")
+#: Methods whose step is deterministic (no sampled augmentation), so its loss can be compared with CPU fp32.
+DETERMINISTIC = {"probe", "finetune_ce", "finetune_ces", "distill"}
+
+
+def make_method(name: str, backbone: Backbone, images: np.ndarray, labels: np.ndarray, batch: int, mu: int
+                ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A method's task and one CPU batch, as the recipes build them (frozen features for the probe)."""
+    from polyclip.augment.simclr import simclr_augment
+    from polyclip.losses.ces import CESLoss
+    from polyclip.methods.distill import DistillTask
+    from polyclip.methods.probe import ProbeTask
+    from polyclip.methods.pseudo_label import ThresholdSchedule
+    from polyclip.methods.simclr import SimCLRTask
+    from polyclip.methods.supervised import SupervisedTask
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(images[:batch])
+    y = torch.from_numpy(labels[:batch]).long()
+    net = copy.deepcopy(backbone)
+    if name == "probe":
+        with torch.no_grad():
+            feats = net.encode(x)
+        return ProbeTask(feats.shape[1], NUM_CLASSES), {"x": feats, "y": y}
+    if name in ("finetune_ce", "finetune_ces"):
+        loss = None
+        if name == "finetune_ces":  # label semantics: a fixed similarity between the 10 classes
+            g = torch.Generator().manual_seed(0)
+            emb = F.normalize(torch.randn(NUM_CLASSES, 16, generator=g), dim=1)
+            loss = CESLoss(emb @ emb.T)
+        return SupervisedTask(net, NUM_CLASSES, loss_fn=loss), {"x": x, "y": y}
+    if name == "distill":
+        g = torch.Generator().manual_seed(1)
+        teacher = torch.randn(batch, 64, generator=g)
+        return DistillTask(net, 64, NUM_CLASSES, w_cos=1.0, w_ce=1.0), {"x": x, "y": y, "teacher": teacher}
+    u = torch.from_numpy(images[batch : batch + mu * batch])
+    if name == "fixmatch_teacher":
+        task = FixMatchTask(net, NUM_CLASSES, thresholds=ClassAwareThreshold(NUM_CLASSES), ema_decay=0.999,
+                            teacher_mode="extra_labeled", teacher_schedule=ThresholdSchedule(0.5))
+        g = torch.Generator().manual_seed(2)
+        return task, {"x": x, "y": y, "u_x": u, "u_teacher_y": torch.randint(0, NUM_CLASSES, (len(u),), generator=g),
+                      "u_teacher_conf": torch.rand(len(u), generator=g)}
+    if name == "simclr":
+        augment = simclr_augment(net.preprocessing.image_size, "small")
+        return SimCLRTask(net, NUM_CLASSES, augment, gather_distributed=True), {"x": x, "y": y, "u_x": u}
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+
+
+def bench_method(name: str, backbone: Backbone, images: np.ndarray, labels: np.ndarray, batch: int, mu: int,
+                 device: torch.device, precision: str, steps: int) -> dict[str, Any]:
+    """Images/s of ``steps`` training steps of one method, and (deterministic methods) its first loss vs CPU fp32."""
+    task, cpu_batch = make_method(name, backbone, images, labels, batch, mu)
+    reference = None
+    if name in DETERMINISTIC:
+        with torch.no_grad():
+            reference = float(copy.deepcopy(task).train()(cpu_batch)["loss"])
+    task.to(device).train()
+    data = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
+            for k, v in cpu_batch.items()}
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    dtype = AUTOCAST_DTYPE[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    after = getattr(task, "after_optimizer_step", None)
+    losses = []
+    for i in range(steps + 1):  # the first step is the warm-up
+        if i == 1:
+            synchronize(device)
+            tic = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = task(data)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if after is not None:
+            after()
+        losses.append(loss.detach())
+    synchronize(device)
+    seconds = time.perf_counter() - tic
+    values = torch.stack(losses).float().cpu()
+    per_step = sum(v.shape[0] for k, v in cpu_batch.items() if k in ("x", "u_x"))
+    row: dict[str, Any] = {"method": name, "precision": precision, "images_per_step": per_step, "steps": steps,
+                           "images_per_s": round(per_step * steps / seconds, 2),
+                           "loss_finite": bool(torch.isfinite(values).all()), "first_loss": round(float(values[0]), 4)}
+    if reference is not None:
+        rel = abs(float(values[0]) - reference) / max(abs(reference), 1e-8)
+        row.update(cpu_fp32_loss=round(reference, 4), rel_diff=float(f"{rel:.3g}"),
+                   loss_ok=bool(rel <= LOSS_TOLERANCE[precision]))
+    return row
+
+
 def _print(kind: str, row: dict[str, Any]) -> None:
     print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
@@ -402,6 +500,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             torch.cuda.empty_cache()
                     fixmatch.append(row)
                     _print("fixmatch", row)
+        # One step of each method as the jobs build it, fp32 vs bf16 (and fp16 where asked).
+        methods: list[dict[str, Any]] = []
+        for method in args.methods:
+            for precision in args.precisions:
+                mrow: dict[str, Any] = {"method": method, "precision": precision}
+                why = unsupported(precision, device)
+                if why is None and precision == "fp16" and device.type != "cuda":
+                    why = "fp16 autocast on CPU accumulates in half precision; fp16 is compared on GPUs only"
+                if why is not None:
+                    mrow["skipped"] = why
+                elif time.perf_counter() > deadline + args.budget_s * 0.25:
+                    mrow["skipped"] = f"time budget ({args.budget_s:g}s) spent"
+                else:
+                    try:
+                        # At least 2 images: BatchNorm in training mode needs more than one value per channel.
+                        mrow = bench_method(method, backbone, images, labels, max(2, min(args.batch)), args.mu, device,
+                                            precision, max(1, args.steps))
+                    except torch.cuda.OutOfMemoryError:
+                        mrow["skipped"] = "out of device memory"
+                        torch.cuda.empty_cache()
+                methods.append(mrow)
+                _print("method", mrow)
+        result["methods"] = methods
         small = make_batch(images, labels, min(args.batch), args.mu, device)
         for precision in args.precisions:
             if unsupported(precision, device) is None:
@@ -418,7 +539,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["augment"] = augment
 
     measured = [r for r in fixmatch if "skipped" not in r]
+    per_method = [r for r in result.get("methods", []) if "skipped" not in r]
     result["ok"] = bool(collectives["ok"] and measured and all(r["loss_finite"] for r in measured)
+                        and all(r["loss_finite"] and r.get("loss_ok", True) for r in per_method)
                         and all(r["ok"] for r in numerics) and all(r["ok"] for r in augment))
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result

@@ -72,6 +72,17 @@ def test_gpu_check_runs_on_cpu_without_ray(tmp_path: Path):
     (augment,) = summary["augment"]
     assert augment["ok"] and augment["weak_images_per_s"] > 0 and augment["strong_images_per_s"] > 0
 
+    methods = {(r["method"], r["precision"]): r for r in summary["methods"]}
+    assert {m for m, _ in methods} == {"probe", "finetune_ce", "finetune_ces", "distill", "fixmatch_teacher", "simclr"}
+    for (method, precision), row in methods.items():
+        if precision == "fp16":  # CPU fp16 autocast is not compared
+            assert "GPUs only" in row["skipped"], row
+            continue
+        assert row["loss_finite"] and row["images_per_s"] > 0, row
+        if method in {"probe", "finetune_ce", "finetune_ces", "distill"}:
+            assert row["loss_ok"], row  # the first loss matches fp32 on the CPU
+            assert precision != "fp32" or row["rel_diff"] == 0
+
     assert "collectives: backend=cpu:gloo,cuda:gloo, ok=True" in proc.stdout  # one line per measurement
 
 
