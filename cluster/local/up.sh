@@ -46,9 +46,26 @@ case "$AUTH" in
   token|disabled) ;;
   *) die "POLYCLIP_RAY_AUTH must be 'token' or 'disabled', not '$AUTH'" ;;
 esac
+# A dashboard reachable from the network without auth lets anyone submit jobs (run code): refused.
+case "$DASHBOARD_HOST" in
+  127.*|localhost|::1) ;;
+  *) [[ "$AUTH" == token ]] || die "POLYCLIP_DASHBOARD_HOST=$DASHBOARD_HOST is not loopback and POLYCLIP_RAY_AUTH=disabled: anyone who reaches the dashboard could run code; keep auth on (POLYCLIP_RAY_AUTH=token) or bind 127.0.0.1" ;;
+esac
 
 mkdir -p "$STATE_DIR"
 chmod 700 "$STATE_DIR"
+# Ray's temp dir holds sockets and session files at a predictable path: create it ourselves,
+# private, and refuse one that someone else created first (or that is a symlink).
+if [[ -L "$TEMP_DIR" ]]; then
+  die "Ray temp dir $TEMP_DIR is a symlink; refusing it (set POLYCLIP_RAY_TEMP_DIR to a private folder)"
+fi
+if [[ -e "$TEMP_DIR" ]]; then
+  [[ -d "$TEMP_DIR" && "$(stat -c %u "$TEMP_DIR")" == "$(id -u)" ]] \
+    || die "Ray temp dir $TEMP_DIR exists and is not a folder owned by you; refusing it (set POLYCLIP_RAY_TEMP_DIR)"
+else
+  (umask 077 && mkdir -p "$TEMP_DIR")
+fi
+chmod 700 "$TEMP_DIR"
 # Keep the state (and the token) out of git without touching the repo's .gitignore.
 [[ -f "$STATE_DIR/.gitignore" ]] || printf '*\n' > "$STATE_DIR/.gitignore"
 

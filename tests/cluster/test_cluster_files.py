@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -414,3 +415,26 @@ def test_readme_documents_gpus():
                    "GradScaler", "train.channels_last", "jobs/benchmarks/gpu_check.py", "jobs/gpu.py"]:
         assert needle in section, needle
     assert re.search(r"no GPU run", section, flags=re.I), "the README must say no GPU run has happened yet"
+
+
+def _up(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    state = tmp_path / "state"
+    full = {**os.environ, "POLYCLIP_STATE_DIR": str(state), "POLYCLIP_RAY_PORT": "1", "PATH":
+            f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", str(CLUSTER / "local" / "up.sh")], env=full, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_up_refuses_an_open_dashboard_without_auth(tmp_path: Path):
+    proc = _up(tmp_path, POLYCLIP_DASHBOARD_HOST="0.0.0.0", POLYCLIP_RAY_AUTH="disabled")
+    assert proc.returncode != 0
+    assert "POLYCLIP_DASHBOARD_HOST=0.0.0.0 is not loopback and POLYCLIP_RAY_AUTH=disabled" in proc.stderr + proc.stdout
+
+
+def test_up_refuses_a_temp_dir_it_does_not_own_or_a_symlink(tmp_path: Path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "ray-tmp"
+    link.symlink_to(target)
+    proc = _up(tmp_path, POLYCLIP_RAY_TEMP_DIR=str(link))
+    assert proc.returncode != 0 and "is a symlink; refusing it" in proc.stderr + proc.stdout
