@@ -69,6 +69,7 @@ COMMON = ["data.dataset=imagefolder:s3://photos/labeled", "data.unlabeled_source
           "data.shuffle_buffer=8", "run.storage_path=s3://runs/polyclip"]
 
 
+@pytest.mark.slow  # two jobs on a 2-node cluster: minutes on 2 cores (run with -m slow)
 @pytest.mark.timeout(900)
 def test_fixmatch_and_simclr_stream_an_s3_pool_on_two_nodes(s3_two_nodes, bucket, tmp_path):
     fixmatch = train.main(["--config", str(CONFIGS / "semi" / "fm40_fixmatch.yaml"), *COMMON,
