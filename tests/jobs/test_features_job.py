@@ -66,6 +66,7 @@ def test_ray_data_encode_resumes_with_only_the_missing_shards(ray_cluster, tmp_p
     np.testing.assert_allclose(entry.to_numpy(), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # one more Ray Data run; the store's read-back is covered without Ray in test_store.py
 def test_feature_set_as_a_ray_dataset(ray_cluster, tmp_path):
     """Read back through Ray Data (a task per shard), as training and the probes would."""
     feats = np.random.default_rng(0).normal(size=(11, 6)).astype(np.float32)
@@ -100,6 +101,7 @@ def test_cached_features_miss_hit_and_damaged_shard(ray_cluster, tmp_path, image
     assert [e["hit"] for e in stats[SPEC]] == [False, True, False]
 
 
+@pytest.mark.slow  # one more Ray Data run
 def test_bad_rows_are_named(ray_cluster, tmp_path, images):
     import ray.data
 

@@ -104,6 +104,7 @@ def _readme_section(title: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # encodes Fashion-MNIST with EfficientNet-Lite0: minutes on 2 cores
 def test_readme_python_api_snippet_runs_as_a_doctest():
     section = _readme_section("Python API")
     test = doctest.DocTestParser().get_doctest(section, {}, "README.md: Python API", "README.md", 0)
