@@ -15,7 +15,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "semi"
 TINY = ["data.dataset=synthetic", "data.synthetic_size=300", "data.labels_per_class=4", "data.val_per_class=5",
         "data.test_limit=60", "data.unlabeled=null", "backbone.spec=random:small_cnn@8", "train.batch_size=4",
         "method.mu=2"]
-PIXEL_TEACHER = ["method.teacher.spec=pixels", "method.teacher.image_size=null", "method.teacher.threshold=0.3"]
+PIXEL_TEACHER = ["method.teacher.spec=pixels", "method.teacher.image_size=null", "method.teacher.threshold=0.3",
+                 "method.teacher.l2_reg=0.0001"]
 
 
 def pixel_context(cfg):
