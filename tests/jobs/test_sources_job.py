@@ -71,6 +71,7 @@ def test_split_is_drawn_from_the_listing_and_corrupt_labeled_files_leave_it(ray_
     assert np.array_equal(split.labeled, split2.labeled) and again.fingerprint == dataset.fingerprint
 
 
+@pytest.mark.slow  # a whole FixMatch job on decoded photo folders: ~1.5 min on 2 cores (run with -m slow)
 @pytest.mark.timeout(600)
 def test_fixmatch_streams_a_flat_pool_folder(ray_cluster, tmp_path, photo_folders):
     labeled, pool = photo_folders

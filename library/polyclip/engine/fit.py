@@ -512,7 +512,6 @@ def fit(task: nn.Module, data: TaskData, settings: FitSettings, callbacks: Seque
         first = next(inner.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    dist_utils.set_training_device(device)
     amp, use_scaler = resolve_precision(settings.precision, device)
     if settings.channels_last and device.type == "cuda":
         inner.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -536,7 +535,9 @@ def fit(task: nn.Module, data: TaskData, settings: FitSettings, callbacks: Seque
         logger.info("fit: %d epochs x %d steps on %s (precision %s, world size %d)", settings.epochs, steps, device,
                     {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+GradScaler"}[amp], state.world)
     try:
-        _run_epochs(state, data, settings, callbacks, amp)
+        # Collectives check their tensors against the training device for this fit (restored after).
+        with dist_utils.on_training_device(device):
+            _run_epochs(state, data, settings, callbacks, amp)
     except BaseException as error:
         _notify(callbacks, "on_fit_error", state, error)
         raise
