@@ -43,6 +43,8 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer of streamed data "
                                 "(on top of a seeded permutation of the pool and a new block order every pass)")
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per streamed dataset")
+    stream_pool: bool = Field(True, description="false: an in-memory pool travels in the object-store payload "
+                              "instead of a Ray Dataset (comparisons; a pool from a source always streams)")
 
     @field_validator("dataset")
     @classmethod

@@ -225,6 +225,8 @@ def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[
 
     recipe = RECIPES[cfg.method.name]
     keys = {key for key, _ in recipe.streams(cfg.method).values()}
+    if not cfg.data.stream_pool:  # only splits that are already streams (from a source) stream
+        keys = {key for key in keys if not isinstance(payload.get(key), dict)}
     streamed = split_streamed(payload, keys, cfg.seed)
     return ray.put(payload), streamed
 

@@ -20,7 +20,11 @@ cores, alternating the two trees within every repeat; medians over repeats.
 Usage::
 
     python -m jobs.benchmarks.streaming_ingest --sizes 2000 8000 [--baseline-tree /tmp/base]
-    python -m jobs.benchmarks.streaming_ingest --throughput --workers 1 2 --repeats 3 --baseline-tree /tmp/base
+    python -m jobs.benchmarks.streaming_ingest --throughput --workers 1 2 --repeats 3 [--baseline-tree /tmp/base]
+
+Without ``--baseline-tree``, ``--throughput`` compares this code's streamed pool with the same
+code shipping the pool in the object-store payload (``data.stream_pool=false``): the ingest
+alone, with everything else (augmentations, the loop) equal.
 """
 
 from __future__ import annotations
@@ -110,12 +114,12 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
             "seconds": round(seconds, 1)}
 
 
-def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int) -> float:
+def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int, extra: tuple[str, ...] = ()) -> float:
     """Steady-state images/s (last of 3 epochs) of FixMatch on Fashion-MNIST with ``workers`` Train workers."""
     overrides = [f"name=tput-{label}-{workers}", "data.unlabeled=20000", "train.epochs=3",
                  f"train.steps_per_epoch={steps}", "train.eval_every=3", "train.batch_size=16", "method.mu=7",
                  f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "data.test_limit=500",
-                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}", *extra]
     env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", DRIVER, "--config", CONFIG, *overrides], cwd=tree, env=env,
@@ -130,15 +134,16 @@ def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int)
 def throughput(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     import statistics
 
-    if args.baseline_tree is None:
-        raise SystemExit("--throughput compares with --baseline-tree")
+    # Without a baseline tree, the same code with the pool in the object-store payload (data.stream_pool=false).
+    payload = ((args.baseline_tree.resolve(), ()) if args.baseline_tree is not None
+               else (ROOT, ("data.stream_pool=false",)))
     rows = []
     for workers in args.workers:
         runs: dict[str, list[float]] = {"streamed": [], "payload": []}
         for repeat in range(args.repeats):
-            order = [("streamed", ROOT), ("payload", args.baseline_tree.resolve())]
-            for label, tree in order if repeat % 2 == 0 else order[::-1]:
-                runs[label].append(throughput_once(tree, workers, out, label, args.steps))
+            order = [("streamed", ROOT, ()), ("payload", *payload)]
+            for label, tree, extra in order if repeat % 2 == 0 else order[::-1]:
+                runs[label].append(throughput_once(tree, workers, out, label, args.steps, extra))
                 print(json.dumps({"workers": workers, "path": label, "images_per_s": runs[label][-1]}), flush=True)
         streamed, payload = statistics.median(runs["streamed"]), statistics.median(runs["payload"])
         rows.append({"workers": workers, "streamed_img_s": round(streamed, 1), "payload_img_s": round(payload, 1),
