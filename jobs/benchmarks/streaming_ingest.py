@@ -116,7 +116,8 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
 
 def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int, extra: tuple[str, ...] = ()) -> float:
     """Steady-state images/s (last of 3 epochs) of FixMatch on Fashion-MNIST with ``workers`` Train workers."""
-    overrides = [f"name=tput-{label}-{workers}", "data.unlabeled=20000", "train.epochs=3",
+    # A new run name each time: an existing run would be resumed (or refused), not timed.
+    overrides = [f"name=tput-{label}-{workers}-{time.time_ns()}", "data.unlabeled=20000", "train.epochs=3",
                  f"train.steps_per_epoch={steps}", "train.eval_every=3", "train.batch_size=16", "method.mu=7",
                  f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "data.test_limit=500",
                  f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}", *extra]
