@@ -136,13 +136,13 @@ def throughput(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     import statistics
 
     # Without a baseline tree, the same code with the pool in the object-store payload (data.stream_pool=false).
-    payload = ((args.baseline_tree.resolve(), ()) if args.baseline_tree is not None
-               else (ROOT, ("data.stream_pool=false",)))
+    baseline = ((args.baseline_tree.resolve(), ()) if args.baseline_tree is not None
+                else (ROOT, ("data.stream_pool=false",)))
     rows = []
     for workers in args.workers:
         runs: dict[str, list[float]] = {"streamed": [], "payload": []}
         for repeat in range(args.repeats):
-            order = [("streamed", ROOT, ()), ("payload", *payload)]
+            order = [("streamed", ROOT, ()), ("payload", *baseline)]
             for label, tree, extra in order if repeat % 2 == 0 else order[::-1]:
                 runs[label].append(throughput_once(tree, workers, out, label, args.steps, extra))
                 print(json.dumps({"workers": workers, "path": label, "images_per_s": runs[label][-1]}), flush=True)
