@@ -39,6 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.recipes.base import Payload
+from jobs.recipes.distill import DistillExtras
+from jobs.recipes.finetune import FinetuneExtras
 from polyclip.backbones import Backbone, create_backbone
 from polyclip.backbones.factory import checkpoint_dir
 from polyclip.io import atomic_directory, atomic_write_json
@@ -127,11 +130,11 @@ def build_run_model(run: str | Path) -> tuple[nn.Module, Backbone, dict[str, Any
     run = Path(run)
     cfg, state, class_names, folder = _read_run(run)
     method = cfg.method.name
-    payload: dict[str, Any] = {"class_names": class_names, "train": {"x": np.zeros((1, 1, 1, 1), np.uint8)},
-                               "info": {}}
+    empty = {"x": np.zeros((0, 1), np.float32), "y": np.zeros(0, np.int64)}
+    payload = Payload(train=empty, val=empty, test=empty, class_names=class_names)
     if method == "probe":
         head_in = next(v for k, v in state.items() if k.startswith("head.") and k.endswith("weight"))
-        payload["info"]["num_features"] = int(head_in.shape[1])
+        payload.input_shape = (int(head_in.shape[1]),)
         backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size)
         task = RECIPES[method].build_task(cfg, cfg.method, payload)
         task.load_state_dict(state, strict=True)
@@ -144,10 +147,12 @@ def build_run_model(run: str | Path) -> tuple[nn.Module, Backbone, dict[str, Any
         encoder = checkpoint_dir(folder)  # the trained encoder; no hub download to rebuild it
         trained = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
             update={"spec": f"checkpoint:{encoder}", "image_size": None})})
+        payload.input_shape = (1, 1, 1)  # a checkpoint encoder ignores in_chans
         if method == "distill":
-            payload["info"]["teacher_dim"] = int(state["project.weight"].shape[0])
-        if getattr(cfg.method, "loss", "ce") == "ces":
-            payload["info"]["similarity"] = np.eye(len(class_names), dtype=np.float32)  # replaced by the state
+            payload.extras = DistillExtras(teacher_dim=int(state["project.weight"].shape[0]))
+        else:  # finetune: CES's similarity matrix is a buffer, replaced by the state
+            ces = getattr(cfg.method, "loss", "ce") == "ces"
+            payload.extras = FinetuneExtras(np.eye(len(class_names), dtype=np.float32) if ces else None)
         task = RECIPES[method].build_task(trained, cfg.method, payload)
         task.load_state_dict(state, strict=True)
         backbone = task.backbone  # type: ignore[assignment]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -177,7 +178,7 @@ def cpu_share(concurrency: int, cluster_cpus: float) -> float:
 
 
 def encode_dataset(
-    ds: ray.data.Dataset,
+    ds: ray.data.Dataset | Callable[[np.ndarray | None], ray.data.Dataset],
     spec: str,
     image_size: int | None,
     store: FeatureStore,
@@ -201,6 +202,9 @@ def encode_dataset(
 
     Args:
         ds: The images; ``row`` numbers them ``0..N-1`` (row ``i`` becomes feature ``i``).
+            Or a function ``rows -> Dataset`` of those rows only (``None``: all of them):
+            a resumed encoding then neither reads nor decodes the images of finished
+            shards (needs ``num_rows``).
         spec: Backbone spec.
         image_size: Input size override.
         store: Where the features go.
@@ -228,7 +232,10 @@ def encode_dataset(
 
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"batch_size ({batch_size}) and concurrency ({concurrency}) must be at least 1")
-    n = int(ds.count()) if num_rows is None else int(num_rows)
+    lazy = callable(ds) and not isinstance(ds, ray.data.Dataset)
+    if lazy and num_rows is None:
+        raise ValueError("encode_dataset: a dataset function needs num_rows")
+    n = int(ds.count()) if num_rows is None else int(num_rows)  # type: ignore[union-attr]
     writer = store.writer(key, description or {"backbone": spec, "image_size": image_size or 0}, n, shard_rows)
     todo = writer.missing_shards()
     reused = writer.num_shards - len(todo)
@@ -244,11 +251,14 @@ def encode_dataset(
             share = cpus_per_actor or cpu_share(concurrency, ray.cluster_resources().get("CPU", 1.0))
             resources = {"num_cpus": share}
             threads = max(1, int(share))
+        if lazy:  # decode only the rows of the missing shards
+            rows = np.concatenate([np.arange(*writer.bounds(s)) for s in todo]) if reused else None
+            ds = ds(rows)  # type: ignore[operator]
         encoder_kwargs = {
             "device": "cuda" if use_gpu else "cpu", "precision": precision, "threads": threads,
             "keep_shards": todo if reused else None, "shard_rows": writer.shard_rows,
         }
-        encoded = ds.map_batches(
+        encoded = ds.map_batches(  # type: ignore[union-attr]
             BatchEncoder, fn_constructor_args=(spec, image_size), fn_constructor_kwargs=encoder_kwargs,
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=concurrency), **resources,

@@ -143,7 +143,9 @@ class _DecodeBatch:
         stats: IngestStats | None,
         strict: bool,
         max_pixels: int,
+        keep_failed: bool = False,
     ) -> None:
+        self.keep_failed = keep_failed
         self.image_size = image_size
         self.channels = channels
         self.s3 = s3
@@ -174,6 +176,9 @@ class _DecodeBatch:
                     if self.strict:
                         raise ImageDecodeError(f"{path}: {exc}", exc.reason) from exc
                     failures.append((path, exc.reason, str(exc)))
+                    if self.keep_failed:  # a black image keeps the row (features need every row)
+                        images.append(np.zeros((self.channels, self.image_size, self.image_size), np.uint8))
+                        keep.append(i)
         if failures:
             for path, _, message in failures:
                 logger.warning("skipping %s: %s", path, message)
@@ -214,6 +219,7 @@ def image_dataset(
     s3: S3Options | None = None,
     num_cpus: float = 0.5,
     max_pixels: int = 40_000_000,
+    keep_failed: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded images from a source table, decoded in Ray Data tasks.
 
@@ -232,6 +238,9 @@ def image_dataset(
         num_cpus: CPUs per decode task; fractional so decoding overlaps with I/O and
             leaves room for consumers on small machines.
         max_pixels: Decompression-bomb limit per image.
+        keep_failed: Keep a file that fails to decode as an all-black image (still
+            counted in ``stats``) instead of dropping its row: for encoders that need a
+            feature for every row (the feature store); training streams drop them.
 
     Returns:
         A lazy dataset with rows ``{"row": int64, "image": uint8 (C, H, W)}`` plus
@@ -267,7 +276,7 @@ def image_dataset(
     blocks = [paths.take(pa.array(np.arange(s, min(s + step, len(index))))) for s in range(0, len(index), step)]
     if not blocks:
         blocks = [paths]
-    decode = _DecodeBatch(image_size, channels, s3 or S3Options.from_env(), stats, strict, max_pixels)
+    decode = _DecodeBatch(image_size, channels, s3 or S3Options.from_env(), stats, strict, max_pixels, keep_failed)
     return ray.data.from_arrow(blocks).map_batches(
         decode, batch_size=min(step, DECODE_BATCH), batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=True
     )

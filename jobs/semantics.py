@@ -37,9 +37,9 @@ def label_similarity(section: Any, class_names: Sequence[str]) -> np.ndarray:
     return label_similarity_matrix(vectors).numpy()
 
 
-def label_similarity_for(cfg: Any, class_names: Sequence[str], payload: dict[str, Any]) -> np.ndarray:
+def label_similarity_for(cfg: Any, class_names: Sequence[str], payload: Any) -> np.ndarray:
     """A job's label similarity: the one its recipe already computed (CES), else from ``cfg.word_vectors``."""
-    similarity = payload.get("info", {}).get("similarity")
+    similarity = getattr(payload.extras, "similarity", None)
     if similarity is not None:
         return np.asarray(similarity)
     return label_similarity(cfg.word_vectors, class_names)

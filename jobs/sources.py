@@ -138,14 +138,26 @@ class SourceDataset(Dataset):
             return self.pool_table, np.arange(self.pool_table.num_rows), None
         return self.table, np.asarray(split.unlabeled), self.train.labels
 
-    def pool_images(self, split: Split) -> tuple[Any, int]:
-        """The pool as ``{"row": position in the pool, "image"}`` (for the feature store), and its size."""
+    def pool_images(self, split: Split, positions: np.ndarray | None = None,
+                    stats: Any = None) -> tuple[Any, int]:
+        """The pool as ``{"row": position in the pool, "image"}`` (for the feature store), and its size.
+
+        Every row is kept: a file that fails to decode becomes an all-black image (counted
+        in ``stats``, a ``jobs.ingest.IngestStats``), so that the store has a feature for
+        every pool image; the training stream drops such files.
+
+        Args:
+            positions: Only these positions in the pool are read and decoded (e.g. the rows
+                of the shards a resumed encoding still misses); ``None``: all.
+        """
         from jobs.ingest import image_dataset
 
         table, rows, _ = self._pool_rows(split)
         position = np.full(table.num_rows, -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
-        ds = image_dataset(table, self.image_size, channels=self.channels, rows=rows)
+        wanted = rows if positions is None else rows[np.asarray(positions, dtype=np.int64)]
+        ds = image_dataset(table, self.image_size, channels=self.channels, rows=wanted, stats=stats,
+                           keep_failed=True)
         return ds.map_batches(_Renumber(position), batch_format="numpy", num_cpus=0.25), len(rows)
 
     def pool_rows(self, split: Split) -> np.ndarray:

@@ -108,24 +108,26 @@ def stream_split(arrays: Mapping[str, np.ndarray], seed: int = 0) -> StreamedSpl
     return StreamedSplit(dataset.randomize_block_order(), n, tuple(arrays))
 
 
-def split_streamed(payload: dict[str, Any], stream_keys: set[str], seed: int = 0) -> dict[str, StreamedSplit]:
+def split_streamed(payload: Any, stream_keys: set[str], seed: int = 0) -> dict[str, StreamedSplit]:
     """Take the streamed splits out of a recipe's payload (in place): the pool always, large labeled splits too.
 
     Args:
-        payload: The recipe's payload; array dicts that must stream are replaced by their
-            row count (workers size their streams from it).
-        stream_keys: Payload keys the recipe streams (the values of ``recipe.streams``).
+        payload: The recipe's ``jobs.recipes.base.Payload``; splits that must stream are
+            replaced by a ``Streamed`` row count (workers size their streams from it).
+        stream_keys: Payload splits the recipe streams (the values of ``recipe.streams``).
     """
+    from jobs.recipes.base import Streamed
+
     streamed: dict[str, StreamedSplit] = {}
     for key in sorted(stream_keys):
-        value = payload.get(key)
+        value = payload.split(key)
         if isinstance(value, StreamedSplit):
             streamed[key] = value
         elif isinstance(value, dict) and (key == "unlabeled" or _rows(value) > STREAM_THRESHOLD):
             streamed[key] = stream_split(value, seed)
         else:
             continue
-        payload[key] = {"streamed_rows": streamed[key].num_rows}
+        payload.set_split(key, Streamed(streamed[key].num_rows))
     return streamed
 
 

@@ -116,7 +116,7 @@ class _ReadRecorder:
         return value
 
 
-def prepare_recording_reads(cfg: Any) -> tuple[dict[str, Any], set[str]]:
+def prepare_recording_reads(cfg: Any) -> tuple[Any, set[str]]:
     """Load the data and run the recipe's ``prepare`` for ``cfg``; return the payload and the keys read."""
     from jobs.train import load_data, prepare_payload
 
@@ -248,27 +248,28 @@ def run_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, 
 
     from jobs.trainer import build_trainer
 
-    cfg, ref = _start_trial(config, job, shared, sweep_name, train_storage)
-    build_trainer(cfg, ref, callbacks=[TuneReportCallback()]).fit()
+    cfg, ref, streamed = _start_trial(config, job, shared, sweep_name, train_storage)
+    build_trainer(cfg, ref, callbacks=[TuneReportCallback()], streamed=streamed).fit()
 
 
 def _start_trial(config: dict[str, Any], job: dict[str, Any], shared: dict[str, Any], sweep_name: str,
-                 train_storage: str) -> tuple[Any, Any]:
-    """A trial's job config (named after the trial) and its payload's object ref (shared, or prepared here)."""
-    import ray
+                 train_storage: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A trial's job config (named after the trial), its payload's object ref and its streamed splits
+    (shared by every trial, or prepared here)."""
     from ray import tune
 
     from jobs.train import load_data, prepare_payload
+    from jobs.trainer import training_inputs
 
     # A trial may wait for the workers of one that ASHA just stopped to be torn down.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     # The trial id is stable across Tuner.restore, so a restarted trial resumes its Train run.
     cfg = trial_job(job, config, f"{sweep_name}-{tune.get_context().get_trial_id()}", train_storage)
-    ref = shared.get("payload")
-    if ref is None:
-        dataset, split = load_data(cfg)
-        ref = ray.put(prepare_payload(cfg, dataset, split, {}))
-    return cfg, ref
+    if "payload" in shared:
+        return cfg, shared["payload"], shared["streamed"]
+    dataset, split = load_data(cfg)
+    ref, streamed = training_inputs(cfg, prepare_payload(cfg, dataset, split, {}))
+    return cfg, ref, streamed
 
 
 def _epochs_done(checkpoint: Any) -> int:
@@ -299,7 +300,7 @@ def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[s
 
     from jobs.trainer import build_trainer
 
-    cfg, ref = _start_trial(config, job, shared, sweep_name, train_storage)
+    cfg, ref, streamed = _start_trial(config, job, shared, sweep_name, train_storage)
     checkpoint = tune.get_checkpoint()
     start = _epochs_done(checkpoint)
     while start < cfg.train.epochs:
@@ -307,7 +308,8 @@ def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[s
         origin = json.dumps([sorted(config.items()), getattr(checkpoint, "path", None)], default=str)
         digest = hashlib.sha1(origin.encode()).hexdigest()[:8]
         segment = cfg.model_copy(update={"name": f"{cfg.name}-e{start:03d}-{digest}"})
-        result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop).fit()
+        result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop,
+                               streamed=streamed).fit()
         checkpoint = result.checkpoint
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         metrics["checkpoint_path"] = checkpoint.path
@@ -382,7 +384,6 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
         ``{"best": {...}, "trials": [rows], "dir": str, "storage": str, "restored": bool,
         "shared_payload": bool, "seconds": float}``
     """
-    import ray
     from ray import tune
 
     t0 = time.perf_counter()
@@ -408,9 +409,14 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
         logger.info("the space touches %s, which data preparation reads: each trial prepares its own data",
                     ", ".join(touched))
     else:
-        shared["payload"] = ray.put(payload)
-        logger.info("data prepared once on the driver and shared by every trial (%s)",
-                    ", ".join(f"{k}: {len(v['y'])}" for k, v in payload.items() if isinstance(v, dict) and "y" in v))
+        sizes = {name: len(split["y"]) for name in ("train", "val", "test")
+                 if isinstance(split := payload.split(name), dict) and "y" in split}
+        from jobs.trainer import training_inputs
+
+        shared["payload"], shared["streamed"] = training_inputs(base_cfg, payload)
+        logger.info("data prepared once on the driver and shared by every trial (%s%s)",
+                    ", ".join(f"{k}: {v}" for k, v in sizes.items()),
+                    "".join(f", {k}: {s.num_rows} streamed" for k, s in shared["streamed"].items()))
     del payload
 
     common = {"job": job_abs, "shared": shared, "sweep_name": sweep.name, "train_storage": f"{storage}/train"}

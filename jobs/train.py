@@ -26,6 +26,7 @@ import yaml
 from jobs.config import ConfigError, DataConfig, JobConfig, load_config
 from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
+from jobs.recipes.base import Payload
 from jobs.runtime import init_ray, setup_logging
 from jobs.semantics import label_similarity_for, semantic_metrics
 from jobs.sources import SourceDataset, is_source_spec, load_source_data
@@ -93,7 +94,7 @@ def load_split_data(data: DataConfig, seed: int, *, default_image_size: int = 64
 
 
 def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[str, Any],
-                    use_gpu: bool | None = None) -> dict[str, Any]:
+                    use_gpu: bool | None = None) -> Payload:
     """Run the method's ``prepare`` on the driver (feature caching included).
 
     Args:
@@ -112,55 +113,82 @@ def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[
                                num_workers=cfg.run.encode_workers, stats=stats, use_gpu=use_gpu)
 
     ctx = PrepareContext(cfg=cfg, dataset=dataset, split=split, features=features)
-    payload = RECIPES[cfg.method.name].prepare(ctx, cfg.method)
-    payload["class_names"] = list(dataset.class_names)
+    recipe = RECIPES[cfg.method.name]
+    payload = recipe.prepare(ctx, cfg.method)
+    recipe.check_payload(payload)
     return payload
 
 
 def pool_features(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str, image_size: int | None,
                   stats: dict[str, Any], use_gpu: bool | None = None) -> np.ndarray:
-    """Features of a source's unlabeled pool: decoded and encoded in Ray Data, stored shard by shard.
+    """Features of a source's unlabeled pool as one ``(N, D)`` float32 array, the input of the teachers.
 
-    The pixels never reach the driver; the features come back as one array (``N x D``
-    float32), the input of the teachers.
+    Encoded into the feature store on a miss (see :func:`encode_pool`); the pixels never
+    reach the driver. A stored shard damaged since it was indexed is re-encoded.
+    """
+    from polyclip.features.store import ShardError
+
+    try:
+        return encode_pool(cfg, dataset, split, spec, image_size, stats, use_gpu).to_numpy()
+    except ShardError as exc:  # damaged since it was indexed: re-encode the bad shards only
+        logger.warning("feature store entry of the pool (%s): %s; re-encoding its damaged shards", spec, exc)
+        return encode_pool(cfg, dataset, split, spec, image_size, stats, use_gpu, reuse_index=False).to_numpy()
+
+
+def encode_pool(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str, image_size: int | None,
+                stats: dict[str, Any], use_gpu: bool | None = None, *, reuse_index: bool = True) -> Any:
+    """The feature store entry of a source's pool: decoded and encoded in Ray Data on a miss, shard by shard.
+
+    A hit reads no pixels and no features (readers check each shard's checksum as they
+    go); a killed encoding resumes with the missing shards, decoding only their images.
+    Files that fail to decode are encoded as black images and reported in ``stats``.
+
+    Args:
+        reuse_index: ``False``: re-check every shard of an indexed entry (after a
+            checksum error) instead of returning it.
+
+    Returns:
+        A ``polyclip.features.store.FeatureSet`` of ``N`` rows, row ``i`` the pool's image ``i``.
     """
     import ray
 
     from jobs.features import encode_dataset, weights_stamp
+    from jobs.ingest import IngestStats
     from polyclip.backbones import create_backbone
     from polyclip.features.cache import describe, feature_key
-    from polyclip.features.store import FeatureStore, ShardError
+    from polyclip.features.store import FeatureStore
 
     store = FeatureStore(cfg.run.cache_dir)
-    ds, rows = dataset.pool_images(split)
+    rows = dataset.pool_size(split)
     probe = create_backbone(spec, image_size=image_size)
     key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
                       dataset.pool_rows(split))
     del probe
     start = time.perf_counter()
     entry = store.open(key)
-    hit = entry is not None and entry.num_rows == rows
-    if hit:
-        try:
-            return _record_pool(stats, spec, True, start, rows, entry.to_numpy())  # type: ignore[union-attr]
-        except ShardError as exc:  # damaged since it was indexed: re-encode the bad shards only
-            logger.warning("feature store entry %s: %s; re-encoding its damaged shards", key, exc)
-            hit = False
-    if not hit:
-        gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu is None else use_gpu
-        entry = encode_dataset(ds, spec, image_size, store, key, use_gpu=gpu,
-                               concurrency=cfg.run.encode_workers, num_rows=rows,
-                               description=describe(spec, image_size or 0, dataset.spec, "pool", rows))
-    assert entry is not None
-    return _record_pool(stats, spec, False, start, rows, entry.to_numpy())
+    if reuse_index and entry is not None and entry.num_rows == rows:
+        _record_pool(stats, spec, True, start, rows)
+        return entry
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu is None else use_gpu
+    failed = IngestStats.create()
+    # A function of the rows still missing: a resumed encoding decodes only those.
+    entry = encode_dataset(lambda positions: dataset.pool_images(split, positions, failed)[0], spec, image_size,
+                           store, key, use_gpu=gpu, concurrency=cfg.run.encode_workers, num_rows=rows,
+                           description=describe(spec, image_size or 0, dataset.spec, "pool", rows))
+    record = _record_pool(stats, spec, False, start, rows)
+    bad = failed.summary()
+    if bad["skipped"]:
+        logger.warning("%d pool files failed to decode (%s): encoded as black images; training skips them",
+                       bad["skipped"], ", ".join(f"{k}: {v}" for k, v in bad["by_reason"].items()))
+        record["decode_failures"] = bad  # in metrics.json's feature_cache, by path and reason
+    return entry
 
 
-def _record_pool(stats: dict[str, Any], spec: str, hit: bool, start: float, rows: int,
-                 features: np.ndarray) -> np.ndarray:
+def _record_pool(stats: dict[str, Any], spec: str, hit: bool, start: float, rows: int) -> dict[str, Any]:
     seconds = time.perf_counter() - start
-    stats.setdefault(spec, []).append({"hit": hit, "seconds": round(seconds, 3), "n": rows,
-                                       "images_per_s": round(rows / max(seconds, 1e-9), 1)})
-    return features
+    record = {"hit": hit, "seconds": round(seconds, 3), "n": rows, "images_per_s": round(rows / max(seconds, 1e-9), 1)}
+    stats.setdefault(spec, []).append(record)
+    return record
 
 
 def check_shared_storage(storage_path: str) -> None:
@@ -252,7 +280,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     # Before training, so a label without a word vector fails now rather than after the run.
     similarity = None if cfg.word_vectors is None else label_similarity_for(cfg, dataset.class_names, payload)
     t_prepared = time.perf_counter()
-    train_labels = payload["train"]["y"]
+    train_labels = payload.arrays("train")["y"] if isinstance(payload.train, dict) else None
     payload_ref, streamed = training_inputs(cfg, payload)
     ingest = {key: split.info["ingest_stats"] for key, split in streamed.items() if "ingest_stats" in split.info}
     trainer = build_trainer(cfg, payload_ref, streamed=streamed)

@@ -21,6 +21,7 @@ import torch
 
 from jobs.config import JobConfig, parse_config
 from jobs.recipes import RECIPES
+from jobs.recipes.base import Payload
 from polyclip.engine import ArrayLoader
 from polyclip.engine.fit import Callback, EvalSet, FitSettings, FitState, TaskData, fit, predict, restore
 from polyclip.io import atomic_save_npz, atomic_write_json, atomic_write_with
@@ -34,7 +35,7 @@ HISTORY_FILE = "history.json"
 RESUMES_FILE = "resumes.json"
 
 
-def _resolve_payload(ref: Any) -> dict[str, Any]:
+def _resolve_payload(ref: Any) -> Payload:
     import ray
 
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
@@ -47,7 +48,7 @@ def fit_settings(cfg: JobConfig, stop_after_epoch: int | None = None) -> FitSett
     return FitSettings.from_config(train, seed=cfg.seed, stop_after_epoch=stop_after_epoch)
 
 
-def build_streams(cfg: JobConfig, recipe: Any, payload: dict[str, Any], rank: int, world: int,
+def build_streams(cfg: JobConfig, recipe: Any, payload: Payload, rank: int, world: int,
                   streamed: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """One stream per recipe stream: a Ray Data shard for streamed splits, else an in-memory ``ArrayLoader``."""
     from jobs.streaming import ShardStream
@@ -62,7 +63,7 @@ def build_streams(cfg: JobConfig, recipe: Any, payload: dict[str, Any], rank: in
                                           prefetch_batches=cfg.data.prefetch_batches, seed=cfg.seed + 1000 * rank + i,
                                           pin_memory=device.type == "cuda")
             continue
-        arrays = payload[key]
+        arrays = payload.arrays(key)
         n = len(arrays["y" if "y" in arrays else "x"])
         streams[prefix] = ArrayLoader(arrays, batch, seed=cfg.seed + i, rank=rank, world_size=world,
                                       drop_last=n > batch * world)
@@ -105,9 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_state(Path(folder) / STATE_FILE, device)
-    val, test = payload["val"], payload["test"]
-    data = TaskData(streams=streams, val=EvalSet(val["x"], val["y"]), class_names=list(payload["class_names"]))
-    callbacks: list[Any] = [ReportCallback(cfg, payload, test)]
+    val = payload.val
+    data = TaskData(streams=streams, val=EvalSet(val["x"], val["y"]), class_names=list(payload.class_names))
+    callbacks: list[Any] = [ReportCallback(cfg, payload)]
     if rank == 0:
         callbacks.insert(0, StartTimeCallback())
         if cfg.run.loggers and config.get("tracking_dir"):
@@ -149,17 +150,17 @@ class ReportCallback(Callback):
     (computed sharded over the workers), the trained encoder and the class names.
     """
 
-    def __init__(self, cfg: JobConfig, payload: dict[str, Any], test: dict[str, np.ndarray]) -> None:
-        self.cfg, self.payload, self.test = cfg, payload, test
+    def __init__(self, cfg: JobConfig, payload: Payload) -> None:
+        self.cfg, self.payload = cfg, payload
 
     def on_epoch_end(self, state: FitState, metrics: dict[str, Any]) -> None:
         import ray.train
 
         final = None
         if state.is_last_epoch:  # every rank takes part in the sharded predictions
-            val = self.payload["val"]
+            val, test = self.payload.val, self.payload.test
             final = {"val_logits": predict(state, val["x"]), "val_labels": val["y"],
-                     "test_logits": predict(state, self.test["x"]), "test_labels": self.test["y"]}
+                     "test_logits": predict(state, test["x"]), "test_labels": test["y"]}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if state.rank == 0:
@@ -169,7 +170,7 @@ class ReportCallback(Callback):
                 atomic_write_json(folder / HISTORY_FILE, state.history)
                 atomic_write_json(folder / RESUMES_FILE, state.resumes)
                 if final is not None:
-                    _write_final(state.module, folder, final, self.payload["class_names"], state.device)
+                    _write_final(state.module, folder, final, self.payload.class_names, state.device)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
 
@@ -212,7 +213,7 @@ def use_gpu(cfg: JobConfig) -> bool:
     return resolve_gpu(cfg.scaling, num_workers=cfg.scaling.num_workers).use_gpu  # logs the choice and reason
 
 
-def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def training_inputs(cfg: JobConfig, payload: Payload) -> tuple[Any, dict[str, Any]]:
     """Split a recipe's payload into what travels by object ref (small arrays) and the streamed splits.
 
     Returns:
@@ -226,7 +227,7 @@ def training_inputs(cfg: JobConfig, payload: dict[str, Any]) -> tuple[Any, dict[
     recipe = RECIPES[cfg.method.name]
     keys = {key for key, _ in recipe.streams(cfg.method).values()}
     if not cfg.data.stream_pool:  # only splits that are already streams (from a source) stream
-        keys = {key for key in keys if not isinstance(payload.get(key), dict)}
+        keys = {key for key in keys if not isinstance(payload.split(key), dict)}
     streamed = split_streamed(payload, keys, cfg.seed)
     return ray.put(payload), streamed
 
@@ -258,7 +259,7 @@ def build_trainer(cfg: JobConfig, payload_ref: Any, callbacks: list[Any] | None 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if isinstance(payload_ref, dict):
+    if isinstance(payload_ref, Payload):
         payload_ref, streamed = training_inputs(cfg, payload_ref)
     streamed = streamed or {}
     gpu = use_gpu(cfg)

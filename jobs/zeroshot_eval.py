@@ -61,7 +61,7 @@ def run_eval(cfg: JobConfig) -> dict[str, Any]:
     backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size)
     weights = build_head(backbone, names, params)
     logit_scale = float(backbone.logit_scale if backbone.logit_scale is not None else 100.0)
-    test = payload["test"]
+    test = payload.test
     logits = zero_shot_scores(test["x"], weights, logit_scale)
     atomic_save_npz(run_dir / "predictions.npz", test_logits=logits, test_labels=test["y"])
     atomic_save_npz(run_dir / "zero_shot_head.npz", weights=weights.numpy(),

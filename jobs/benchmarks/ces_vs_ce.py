@@ -47,24 +47,23 @@ def run_one(config: str, seed: int, epochs: int, overrides: list[str]) -> dict[s
     ctx = PrepareContext(cfg=cfg, dataset=dataset, split=split, features=lambda *a: np.zeros(0))
     recipe = RECIPES[cfg.method.name]
     payload = recipe.prepare(ctx, cfg.method)
-    payload["class_names"] = list(dataset.class_names)
     similarity = label_similarity_for(cfg, dataset.class_names, payload)
     task = recipe.build_task(cfg, cfg.method, payload)
     # The Ray job's global batch is batch_size * num_workers; keep it the same here.
     tic = time.perf_counter()
-    logs = fit_arrays(task, payload["train"], epochs=epochs, batch_size=cfg.train.batch_size * cfg.scaling.num_workers,
+    logs = fit_arrays(task, payload.train, epochs=epochs, batch_size=cfg.train.batch_size * cfg.scaling.num_workers,
                       optimizer=cfg.train.optimizer, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                       scheduler=cfg.train.scheduler, seed=seed).history[-1]
     train_s = time.perf_counter() - tic
     task.eval()
     predict: Any = task.predict
-    logits = evaluate(predict, payload["test"]["x"], device=torch.device("cpu"))
-    labels = payload["test"]["y"]
+    logits = evaluate(predict, payload.test["x"], device=torch.device("cpu"))
+    labels = payload.test["y"]
     semantic = semantic_metrics(logits, labels, similarity, source=cfg.word_vectors.source)  # type: ignore[union-attr]
     return {"loss": cfg.method.loss, "seed": seed, "test_acc": float((logits.argmax(1) == labels).mean()),
             "semantic_error_distance": semantic["semantic_error_distance"],
             "top3_similarity": semantic["top3_similarity"], "train_loss": logs["train_loss"],
-            "train_seconds": train_s, "n_train": len(payload["train"]["y"]), "n_test": len(labels)}
+            "train_seconds": train_s, "n_train": len(payload.train["y"]), "n_test": len(labels)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -104,14 +104,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ctx = PrepareContext(cfg=cfg, dataset=dataset, split=split, features=features)
         recipe = RECIPES[cfg.method.name]
         payload = recipe.prepare(ctx, cfg.method)
-        payload["class_names"] = list(dataset.class_names)
         task = recipe.build_task(cfg, cfg.method, payload)
         epochs = args.epochs if name == "student" else args.probe_epochs
-        seconds = fit(task, payload["train"], cfg, epochs, cfg.train.batch_size * cfg.scaling.num_workers)
+        seconds = fit(task, payload.train, cfg, epochs, cfg.train.batch_size * cfg.scaling.num_workers)
         task.eval()
         predict: Any = task.predict
-        logits = evaluate(predict, payload["test"]["x"], device=torch.device("cpu"))
-        results[name] = {"task": task, "test_acc": float((logits.argmax(1) == payload["test"]["y"]).mean()),
+        logits = evaluate(predict, payload.test["x"], device=torch.device("cpu"))
+        results[name] = {"task": task, "test_acc": float((logits.argmax(1) == payload.test["y"]).mean()),
                          "train_seconds": seconds, "epochs": epochs}
         print(f"{name}: test acc {results[name]['test_acc']:.4f} ({seconds:.0f} s)", flush=True)
 

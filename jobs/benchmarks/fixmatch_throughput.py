@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The supervised baseline of the semi configs: same encoder copy, weak augmentation, EMA.
     from polyclip.augment.fixmatch import fixmatch_weak
 
-    supervised = PseudoLabelTask(create_backbone(args.backbone, in_chans=in_chans), 10, augment=fixmatch_weak())
+    supervised = PseudoLabelTask(create_backbone(args.backbone, in_chans=in_chans), 10, augment=fixmatch_weak(),
+                                 pseudo_labels=False)
     supervised.load_state_dict(
         {k: v for k, v in fixmatch.state_dict().items() if k.startswith(("model.", "ema."))}, strict=False)
     time_steps(fixmatch, batch, 1)  # warm-up

@@ -54,7 +54,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,28 @@ def make_batch(images: np.ndarray, labels: np.ndarray, batch: int, mu: int,
     return {"x": x[:batch], "y": y[:batch], "u_x": x[batch:], "u_y": y[batch:]}
 
 
+def training_step(task: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                  device: torch.device, precision: str) -> tuple[Callable[[], torch.Tensor], torch.amp.GradScaler]:
+    """One training step of ``task`` on ``batch`` as the fit loop runs it (autocast, loss scaling, EMA hook),
+    and its loss scaler."""
+    dtype = AUTOCAST_DTYPE[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    after = getattr(task, "after_optimizer_step", None)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = task(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if after is not None:
+            after()
+        return loss.detach()
+
+    return step, scaler
+
+
 def bench_fixmatch(backbone: Backbone, batch: dict[str, torch.Tensor], device: torch.device, precision: str,
                    channels_last: bool, steps: int, warmup: int, deadline: float = math.inf) -> dict[str, Any]:
     """Time FixMatch training steps (forward, backward, optimizer, EMA, thresholds).
@@ -274,19 +296,7 @@ def bench_fixmatch(backbone: Backbone, batch: dict[str, torch.Tensor], device: t
     """
     task = make_task(backbone, device, channels_last)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.03, momentum=0.9, nesterov=True)
-    dtype = AUTOCAST_DTYPE[precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = task(batch)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        task.after_optimizer_step()
-        return loss.detach()
-
+    step, scaler = training_step(task, optimizer, batch, device, precision)
     tic = time.perf_counter()
     losses = [step() for _ in range(warmup)]
     synchronize(device)
@@ -413,23 +423,13 @@ def bench_method(name: str, backbone: Backbone, images: np.ndarray, labels: np.n
     data = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
             for k, v in cpu_batch.items()}
     optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    dtype = AUTOCAST_DTYPE[precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    after = getattr(task, "after_optimizer_step", None)
+    step, _ = training_step(task, optimizer, data, device, precision)
     losses = []
     for i in range(steps + 1):  # the first step is the warm-up
         if i == 1:
             synchronize(device)
             tic = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = task(data)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if after is not None:
-            after()
-        losses.append(loss.detach())
+        losses.append(step())
     synchronize(device)
     seconds = time.perf_counter() - tic
     values = torch.stack(losses).float().cpu()

@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,10 @@ PHOTOS = {
     "galaxy": "hubble_deep_field",
 }
 PHOTO_SIZE = (500, 375)
+#: Where the benchmarks keep their generated folders.
+PHOTO_ROOT = Path("runs/benchmarks/photos")
+#: Bad files per benchmark folder (truncated, text, empty), reported and skipped by the jobs.
+CORRUPT = 6
 #: EXIF orientation -> the rotation that stores an upright image that way (PIL.Image.Transpose).
 _STORE_ROTATED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
 
@@ -167,6 +174,45 @@ def main(argv: list[str] | None = None) -> PhotoFolder:
     )
     print(json.dumps(asdict(summary) | {"corrupt": len(summary.corrupt)}))
     return summary
+
+
+
+def sized_photo_folder(root: Path, n: int, largest: int) -> Path:
+    """``root/photos_<n>``: ``n`` labeled photos (+ :data:`CORRUPT` bad files), generated or linked once.
+
+    The benchmarks share these folders (``data_scale``, ``streaming_ingest``), so a pool
+    size is generated once per machine.
+
+    A folder of ``n`` photos is made of hard links to the first ``n`` photos of the
+    smallest existing folder that has at least ``n`` (generated with the same seed, the
+    first ``n`` photos are the same), else of a folder of ``largest`` generated now.
+    """
+    folder = root / f"photos_{n}"
+    if (folder / "photos.json").exists():
+        return folder
+    existing = sorted(
+        (int(p.parent.name.split("_")[1]), p.parent)
+        for p in root.glob("photos_*/photos.json")
+        if p.parent.name.split("_")[1].isdigit() and int(p.parent.name.split("_")[1]) >= n
+    )
+    if existing:
+        full = existing[0][1]
+    else:
+        full = root / f"photos_{largest}"
+        started = time.perf_counter()
+        make_photo_folder(full, largest, corrupt=CORRUPT, seed=0)
+        print(f"generated {largest} photos in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if full != folder:
+        # The first n photos (names carry a global index), hard-linked.
+        for src in sorted(full.rglob("*.jpg")):
+            index = int(src.stem.rsplit("_", 1)[1])
+            if src.name.startswith("bad_") or index < n:
+                dst = folder / src.relative_to(full)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    os.link(src, dst)
+        (folder / "photos.json").write_text(json.dumps({"images": n, "linked_from": str(full)}) + "\n")
+    return folder
 
 
 if __name__ == "__main__":

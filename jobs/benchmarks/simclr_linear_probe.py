@@ -98,13 +98,13 @@ def pretrain(cfg: Any, out: Path) -> tuple[Backbone, dict[str, Any]]:
     task: SimCLRTask = built
     # The same streams and settings as the Ray job (jobs/trainer.py), on one in-process worker.
     streams = build_streams(cfg, recipe, payload, 0, 1, {}, torch.device("cpu"))
-    val = payload["val"]
+    val = payload.val
     tic = time.perf_counter()
     result = fit(task, TaskData(streams=streams, val=EvalSet(val["x"], val["y"])), fit_settings(cfg))
     history, steps = result.history, result.state.steps_per_epoch
     minutes = (time.perf_counter() - tic) / 60
     save_backbone(task.backbone.cpu(), out / "encoder")
-    pool = len(payload["unlabeled"]["x"])
+    pool = len(payload.unlabeled["x"])
     budget = {"epochs": cfg.train.epochs, "pool_images": pool, "steps": steps * cfg.train.epochs,
               "batch_size": cfg.train.batch_size, "images_seen": pool * cfg.train.epochs,
               "minutes": round(minutes, 2), "backbone": cfg.backbone.spec, "history": history}

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.benchmarks.common import command_line, out_dir
+from jobs.benchmarks.photo_folders import PHOTO_ROOT
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.reports.tables import markdown_table
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
     parser.add_argument("--baseline-tree", type=Path, default=None, help="checkout of the code to compare with")
+    parser.add_argument("--photos", default=str(PHOTO_ROOT), help="photo folders, generated once and shared")
     parser.add_argument("--throughput", action="store_true", help="steady-state images/s instead of memory")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
@@ -169,14 +171,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         atomic_write_text(out / "results.md", f"`{command_line()}`\n\n{table}\n")
         print(table)
         return rows
-    from jobs.benchmarks.photo_folders import make_photo_folder
+    from jobs.benchmarks.photo_folders import sized_photo_folder
 
     out = out_dir("streaming_ingest").resolve()
     rows = []
     for size in args.sizes:
-        photos = out / f"photos-{size}"
-        if not (photos / "photos.json").exists():
-            make_photo_folder(photos, size, labeled=True, num_classes=5, seed=0)
+        photos = sized_photo_folder(Path(args.photos), size, max(args.sizes)).resolve()
         trees = [("streamed", ROOT)] + ([("payload (baseline)", args.baseline_tree.resolve())]
                                          if args.baseline_tree else [])
         for label, tree in trees:

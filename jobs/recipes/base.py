@@ -19,6 +19,83 @@ from polyclip.data.splits import Split
 
 #: Subsets a recipe can ask for.
 SUBSETS = ("labeled", "unlabeled", "val", "test")
+#: The payload's splits: ``train`` (the labeled images), ``val``, ``test`` and the ``unlabeled`` pool.
+SPLITS = ("train", "val", "test", "unlabeled")
+
+#: A split held as aligned arrays: ``x`` (images or features), ``y``, and per-method columns.
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What stays in a payload of a split that reaches the workers as a Ray Dataset: its row count."""
+
+    num_rows: int
+
+
+@dataclass
+class Payload:
+    """The recipe-to-worker contract: what a recipe's ``prepare`` hands to every Train worker.
+
+    Attributes:
+        train: The labeled training split (arrays; a large one becomes a stream).
+        val: The validation split (selection, plateau, early stopping); may be empty.
+        test: The test split, evaluated after training.
+        unlabeled: The pool, for methods that use one: arrays or a
+            ``jobs.streaming.StreamedSplit`` on the driver, a :class:`Streamed` row count
+            once the job has turned it into a Ray Dataset.
+        class_names: Class names in label order.
+        input_shape: Shape of one training input (``(C, H, W)`` images, ``(D,)``
+            features): tasks size their first layer from it, streamed or not.
+        extras: The method's own typed facts for ``build_task`` (the recipe's
+            ``Recipe.extras`` dataclass), e.g. the resolved teacher or the label vectors.
+        report: Driver-side facts for ``metrics.json`` (never needed by the workers).
+    """
+
+    train: Arrays | Any
+    val: Arrays
+    test: Arrays
+    unlabeled: Arrays | Any | None = None
+    class_names: list[str] = field(default_factory=list)
+    input_shape: tuple[int, ...] = ()
+    extras: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.input_shape and isinstance(self.train, dict) and "x" in self.train:
+            self.input_shape = tuple(int(d) for d in np.shape(self.train["x"])[1:])
+
+    def split(self, name: str) -> Arrays | Any:
+        """A split by name (``train``, ``val``, ``test``, ``unlabeled``)."""
+        if name not in SPLITS:
+            raise KeyError(f"unknown payload split {name!r}; valid: {SPLITS}")
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(f"the payload has no {name!r} split (the recipe's prepare did not set it)")
+        return value
+
+    def set_split(self, name: str, value: Arrays | Any) -> None:
+        if name not in SPLITS:
+            raise KeyError(f"unknown payload split {name!r}; valid: {SPLITS}")
+        setattr(self, name, value)
+
+    def arrays(self, name: str) -> Arrays:
+        """A split's arrays; a clear error when it is streamed."""
+        value = self.split(name)
+        if not isinstance(value, dict):
+            raise TypeError(f"payload split {name!r} is streamed ({type(value).__name__}), not arrays")
+        return value
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of the training images (the first axis of :attr:`input_shape`)."""
+        if not self.input_shape:
+            raise ValueError("the payload has no input_shape (no training images to read it from)")
+        return int(self.input_shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 class MethodParams(BaseModel):
@@ -91,13 +168,13 @@ class Recipe:
 
     Attributes:
         params: Pydantic model of ``method:`` (its ``name`` is a ``Literal``).
-        prepare: Driver side: ``(ctx, params) -> payload`` with ``"train"``, ``"val"``,
-            ``"test"`` (and optionally ``"unlabeled"``) dicts of aligned arrays (``"x"``,
-            ``"y"``, ...), ``"class_names"`` and an ``"info"`` dict. Runs once; the
-            payload goes to every worker through the object store.
+        prepare: Driver side: ``(ctx, params) -> Payload``. Runs once; the small splits
+            go to every worker through the object store, the pool as a Ray Dataset.
         build_task: Worker side: ``(cfg, params, payload) -> task module``.
-        streams: ``params -> {prefix: (payload key, batch-size multiplier)}``; the
+        streams: ``params -> {prefix: (payload split, batch-size multiplier)}``; the
             default trains on ``"train"`` alone.
+        extras: The type of ``Payload.extras`` this recipe's ``prepare`` sets (checked by
+            the job), or ``None`` when it needs none.
         check: Optional cross-field validation ``(cfg, params) -> None`` raising
             ``ValueError``; runs when the config is parsed, before Ray starts.
         report: Optional, driver side after training: ``(cfg, params, payload, arrays)
@@ -106,15 +183,26 @@ class Recipe:
     """
 
     params: type[MethodParams]
-    prepare: Callable[[PrepareContext, Any], dict[str, Any]]
-    build_task: Callable[[Any, Any, dict[str, Any]], nn.Module]
+    prepare: Callable[[PrepareContext, Any], Payload]
+    build_task: Callable[[Any, Any, Payload], nn.Module]
     streams: Callable[[Any], dict[str, tuple[str, int]]] = lambda params: {"": ("train", 1)}
-    report: Callable[[Any, Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    report: Callable[[Any, Any, Payload, dict[str, Any]], dict[str, Any]] | None = None
     check: Callable[[Any, Any], None] | None = None
+    extras: type | None = None
+
+    def check_payload(self, payload: Payload) -> None:
+        """Raise ``TypeError`` when ``prepare`` broke the contract (a wrong type, or extras of the wrong kind)."""
+        if not isinstance(payload, Payload):
+            raise TypeError(f"{self.params.__name__}: prepare returned {type(payload).__name__}, not a Payload")
+        if self.extras is None and payload.extras is not None:
+            raise TypeError(f"{self.params.__name__}: prepare set extras {type(payload.extras).__name__} but the "
+                            "recipe declares none")
+        if self.extras is not None and not isinstance(payload.extras, self.extras):
+            raise TypeError(f"{self.params.__name__}: extras must be {self.extras.__name__}, got "
+                            f"{type(payload.extras).__name__}")
 
 
-def split_arrays(ctx: PrepareContext, x_of: Callable[[str], np.ndarray],
-                 subsets: tuple[str, ...] = ("labeled", "val", "test")) -> dict[str, dict[str, np.ndarray]]:
-    """Payload entries ``{"train"|"val"|"test"|"unlabeled": {"x", "y"}}`` for the given subsets."""
-    names = {"labeled": "train"}
-    return {names.get(s, s): {"x": x_of(s), "y": ctx.labels(s)} for s in subsets}
+def split_arrays(ctx: PrepareContext, x_of: Callable[[str], np.ndarray]) -> Payload:
+    """A payload of the labeled, validation and test splits as arrays ``{"x": x_of(subset), "y"}``."""
+    train, val, test = ({"x": x_of(s), "y": ctx.labels(s)} for s in ("labeled", "val", "test"))
+    return Payload(train=train, val=val, test=test, class_names=list(ctx.dataset.class_names))

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe
 from polyclip.backbones.base import Backbone
 from polyclip.text.clip_zeroshot import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, zero_shot_classifier
 
@@ -73,13 +73,15 @@ def build_head(backbone: Backbone, class_names: list[str], params: ClipZeroShotP
                                 params.all_templates(), batch_size=params.text_batch_size)
 
 
-def prepare(ctx: PrepareContext, params: ClipZeroShotParams) -> dict[str, Any]:
+def prepare(ctx: PrepareContext, params: ClipZeroShotParams) -> Payload:
     prompt_names(list(ctx.dataset.class_names), params.class_prompts)  # fail before encoding anything
     spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
-    return {"test": {"x": ctx.features(spec, size, "test"), "y": ctx.labels("test")}, "info": {}}
+    test = {"x": ctx.features(spec, size, "test"), "y": ctx.labels("test")}
+    empty = {"x": test["x"][:0], "y": test["y"][:0]}  # nothing to train or select on
+    return Payload(train=empty, val=dict(empty), test=test, class_names=list(ctx.dataset.class_names))
 
 
-def build_task(cfg: Any, params: ClipZeroShotParams, payload: dict[str, Any]) -> nn.Module:
+def build_task(cfg: Any, params: ClipZeroShotParams, payload: Payload) -> nn.Module:
     raise ValueError("method clip_zeroshot has nothing to train: run it with "
                      "python -m jobs.zeroshot_eval --config <config> instead of jobs.train")
 

@@ -20,6 +20,7 @@ backbone; ``true`` trains the backbone too, on images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from jobs.zero_shot import choose_unseen, keep_seen, zero_shot_report
 from polyclip.backbones import create_backbone
 from polyclip.methods.devise import DeViSETask
@@ -89,57 +90,62 @@ def _word_vector_options(cfg: Any) -> tuple[str, bool, dict[str, str]]:
     return (wv.source, wv.head_word, dict(wv.overrides)) if wv is not None else ("glove-6b-50d", False, {})
 
 
-def prepare(ctx: PrepareContext, params: DeViSEParams) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeViSEExtras:
+    """Which classes are held out of training, and every class's label vector ``(C, D)``."""
+
+    unseen: list[int]
+    seen: list[int]
+    label_vectors: np.ndarray
+
+
+def prepare(ctx: PrepareContext, params: DeViSEParams) -> Payload:
     names = list(ctx.dataset.class_names)
     unseen = choose_unseen(names, params.unseen_classes, params.num_unseen, ctx.cfg.seed)
     source, head_word, overrides = _word_vector_options(ctx.cfg)
     vectors = label_vectors(names, load_word_vectors(source), head_word=head_word, overrides=overrides)
     if params.finetune_backbone:
-        payload: dict[str, Any] = split_arrays(ctx, ctx.images)
+        payload = split_arrays(ctx, ctx.images)
     else:
         spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
         payload = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
-    payload["train"] = keep_seen(payload["train"], unseen)
-    payload["val"] = keep_seen(payload["val"], unseen)
+    payload.train = keep_seen(payload.train, unseen)
+    payload.val = keep_seen(payload.val, unseen)
     if params.standardize and not params.finetune_backbone:
-        mean = payload["train"]["x"].mean(axis=0)
-        std = payload["train"]["x"].std(axis=0) + 1e-6
-        for key in ("train", "val", "test"):
-            payload[key]["x"] = ((payload[key]["x"] - mean) / std).astype(np.float32)
-    payload["info"] = {
-        "unseen": unseen,
-        "seen": [c for c in range(len(names)) if c not in unseen],
-        "label_vectors": vectors,
-        "num_features": int(payload["train"]["x"].shape[1]) if not params.finetune_backbone else None,
-    }
+        mean = payload.train["x"].mean(axis=0)
+        std = payload.train["x"].std(axis=0) + 1e-6
+        for split in (payload.train, payload.val, payload.test):
+            split["x"] = ((split["x"] - mean) / std).astype(np.float32)
+    payload.extras = DeViSEExtras(unseen=list(unseen), seen=[c for c in range(len(names)) if c not in unseen],
+                                  label_vectors=np.asarray(vectors, dtype=np.float32))
     return payload
 
 
-def build_task(cfg: Any, params: DeViSEParams, payload: dict[str, Any]) -> GeneralisedDeViSE:
-    info = payload["info"]
-    vectors = np.asarray(info["label_vectors"], dtype=np.float32)
+def build_task(cfg: Any, params: DeViSEParams, payload: Payload) -> GeneralisedDeViSE:
+    extras: DeViSEExtras = payload.extras
+    vectors = np.asarray(extras.label_vectors, dtype=np.float32)
     backbone = None
     if params.finetune_backbone:
-        in_chans = int(payload["train"]["x"].shape[1])
         backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                                   in_chans=in_chans if cfg.backbone.spec.startswith(("random:", "pixels")) else None)
-    in_features = backbone.num_features if backbone is not None else int(info["num_features"])
-    task = DeViSETask(backbone, in_features, vectors[info["seen"]], loss=params.loss, margin=params.margin,
+                                   in_chans=payload.in_chans if cfg.backbone.spec.startswith(("random:", "pixels"))
+                                   else None)
+    in_features = backbone.num_features if backbone is not None else payload.input_shape[0]
+    task = DeViSETask(backbone, in_features, vectors[extras.seen], loss=params.loss, margin=params.margin,
                       negatives=params.negatives, freeze_backbone=not params.finetune_backbone,
                       l2_normalize=params.l2_normalize, seed=cfg.seed)
-    return GeneralisedDeViSE(task, info["seen"], vectors)
+    return GeneralisedDeViSE(task, extras.seen, vectors)
 
 
-def report(cfg: Any, params: DeViSEParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def report(cfg: Any, params: DeViSEParams, payload: Payload, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """``metrics["zero_shot"]``: the protocol numbers and the streams' per-class label counts."""
-    info, names = payload["info"], payload["class_names"]
-    similarity = label_similarity_matrix(info["label_vectors"]).numpy()
-    out = zero_shot_report(arrays["test_logits"], arrays["test_labels"], names, info["unseen"],
+    names = payload.class_names
+    similarity = label_similarity_matrix(payload.extras.label_vectors).numpy()
+    out = zero_shot_report(arrays["test_logits"], arrays["test_labels"], names, payload.extras.unseen,
                            similarity=similarity, seed=cfg.seed)
     for stream in ("train", "val"):
-        counts = np.bincount(payload[stream]["y"], minlength=len(names))
+        counts = np.bincount(payload.arrays(stream)["y"], minlength=len(names))
         out[f"{stream}_labels_per_class"] = {n: int(c) for n, c in zip(names, counts)}
     return {"zero_shot": out}
 
 
-RECIPE = Recipe(params=DeViSEParams, prepare=prepare, build_task=build_task, report=report)
+RECIPE = Recipe(params=DeViSEParams, prepare=prepare, build_task=build_task, report=report, extras=DeViSEExtras)

@@ -13,11 +13,12 @@ same probe on ``backbone.spec: pixels``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from polyclip.backbones import create_backbone
 from polyclip.methods.distill import DistillTask
 
@@ -34,27 +35,33 @@ class DistillParams(MethodParams):
     mu: int = Field(1, ge=1, description="unlabeled batch = mu * labeled batch")
 
 
-def prepare(ctx: PrepareContext, params: DistillParams) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DistillExtras:
+    """What the student's task needs besides the data: the teacher's embedding width."""
+
+    teacher_dim: int
+
+
+def prepare(ctx: PrepareContext, params: DistillParams) -> Payload:
     if ctx.cfg.backbone.spec.startswith("pixels"):
         raise ValueError("method distill needs a trainable student in backbone.spec (e.g. random:small_cnn), "
                          "got 'pixels'")
-    payload: dict[str, Any] = split_arrays(ctx, ctx.images)
-    payload["train"]["teacher"] = ctx.features(params.teacher, params.teacher_image_size, "labeled")
+    payload = split_arrays(ctx, ctx.images)
+    payload.train["teacher"] = ctx.features(params.teacher, params.teacher_image_size, "labeled")
     if params.distill_unlabeled:
         if ctx.pool_size() == 0:
             raise ValueError("method.distill_unlabeled is true but the unlabeled pool is empty (data.unlabeled: 0?)")
         # No labels in this stream: it only imitates the teacher.
-        payload["unlabeled"] = ctx.unlabeled(
+        payload.unlabeled = ctx.unlabeled(
             {"teacher": ctx.features(params.teacher, params.teacher_image_size, "unlabeled")}, held_back_labels=False)
-    payload["info"] = {"teacher_dim": int(payload["train"]["teacher"].shape[1]), "teacher": params.teacher}
+    payload.extras = DistillExtras(teacher_dim=int(payload.train["teacher"].shape[1]))
     return payload
 
 
-def build_task(cfg: Any, params: DistillParams, payload: dict[str, Any]) -> DistillTask:
-    in_chans = int(payload["train"]["x"].shape[1])
+def build_task(cfg: Any, params: DistillParams, payload: Payload) -> DistillTask:
     student = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                              in_chans=in_chans if cfg.backbone.spec.startswith("random:") else None)
-    return DistillTask(student, payload["info"]["teacher_dim"], len(payload["class_names"]), w_cos=params.w_cos,
+                              in_chans=payload.in_chans if cfg.backbone.spec.startswith("random:") else None)
+    return DistillTask(student, payload.extras.teacher_dim, payload.num_classes, w_cos=params.w_cos,
                        w_ce=params.w_ce, mlp_hidden=params.mlp_hidden, mlp_depth=params.mlp_depth)
 
 
@@ -64,4 +71,4 @@ def streams(params: DistillParams) -> dict[str, tuple[str, int]]:
     return {"": ("train", 1)}
 
 
-RECIPE = Recipe(params=DistillParams, prepare=prepare, build_task=build_task, streams=streams)
+RECIPE = Recipe(params=DistillParams, prepare=prepare, build_task=build_task, streams=streams, extras=DistillExtras)

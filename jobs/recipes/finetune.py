@@ -14,12 +14,14 @@ Options of the language-guided supervised issue:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from polyclip.augment.perturbation import perturbation_pipeline
 from polyclip.backbones import create_backbone
 from polyclip.losses.ces import CESLoss
@@ -70,37 +72,45 @@ def check_job(cfg: Any, params: FinetuneParams) -> None:
         )
 
 
-def prepare(ctx: PrepareContext, params: FinetuneParams) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FinetuneExtras:
+    """The label similarity matrix ``(C, C)`` of CES (``None`` with cross-entropy)."""
+
+    similarity: np.ndarray | None = None
+
+
+def prepare(ctx: PrepareContext, params: FinetuneParams) -> Payload:
     check_job(ctx.cfg, params)
-    info: dict[str, Any] = {}
+    similarity = None
     if params.loss == "ces":
         from jobs.semantics import label_similarity
 
         # Fails here, before training, naming every label without a vector.
-        info["similarity"] = label_similarity(ctx.cfg.word_vectors, ctx.dataset.class_names)
-    payload: dict[str, Any] = split_arrays(ctx, ctx.images)
-    payload["info"] = info
+        similarity = label_similarity(ctx.cfg.word_vectors, ctx.dataset.class_names)
+    payload = split_arrays(ctx, ctx.images)
+    payload.extras = FinetuneExtras(similarity)
     return payload
 
 
-def build_loss(params: FinetuneParams, payload: dict[str, Any]) -> torch.nn.Module:
+def build_loss(params: FinetuneParams, payload: Payload) -> torch.nn.Module:
     """Cross-entropy, or CES with the payload's similarity matrix."""
     if params.loss == "ce":
         return torch.nn.CrossEntropyLoss()
-    similarity = payload["info"].get("similarity")
+    similarity = payload.extras.similarity if payload.extras is not None else None
     if similarity is None:
         raise ValueError("method.loss is 'ces' but the payload has no label similarity matrix (run prepare first)")
     return CESLoss(torch.as_tensor(similarity), w_ce=params.ces_w_ce, w_sim=params.ces_w_sim, mode=params.ces_mode)
 
 
-def build_task(cfg: Any, params: FinetuneParams, payload: dict[str, Any]) -> SupervisedTask:
-    in_chans = int(payload["train"]["x"].shape[1])
+def build_task(cfg: Any, params: FinetuneParams, payload: Payload) -> SupervisedTask:
+    raw = cfg.backbone.spec.startswith(("random:", "pixels"))
     backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                               in_chans=in_chans if cfg.backbone.spec.startswith(("random:", "pixels")) else None)
+                               in_chans=payload.in_chans if raw else None)
     augment = perturbation_pipeline(**params.perturbation.model_dump()) if params.augment == "perturbation" else None
-    return SupervisedTask(backbone, len(payload["class_names"]), loss_fn=build_loss(params, payload),
+    return SupervisedTask(backbone, payload.num_classes, loss_fn=build_loss(params, payload),
                           augment=augment, freeze_backbone=params.freeze_backbone,
                           head_hidden=params.head_hidden, head_depth=params.head_depth)
 
 
-RECIPE = Recipe(params=FinetuneParams, prepare=prepare, build_task=build_task, check=check_job)
+RECIPE = Recipe(params=FinetuneParams, prepare=prepare, build_task=build_task, check=check_job,
+                extras=FinetuneExtras)

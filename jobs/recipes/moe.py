@@ -17,6 +17,7 @@ superclass-level test accuracy and the most-confused class pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from sklearn.metrics import confusion_matrix
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from polyclip.engine.fit import fit_arrays
 from polyclip.methods.moe import (
     MixtureOfExpertsTask,
@@ -100,11 +101,11 @@ def derive_superclasses(params: MoEParams, class_names: list[str], payload: dict
                                                                                                 False, {})
         vectors = label_vectors(class_names, load_word_vectors(source), head_word=head_word, overrides=overrides)
         return superclasses_from_vectors(vectors, params.k, seed=cfg.seed), {"source": f"vectors:{source}"}
-    val = payload["val"]
+    val = payload.val
     if len(val["y"]) == 0:
         raise ValueError("auto_superclasses=confusion clusters the flat probe's validation confusion matrix: "
                          "set data.val_per_class > 0")
-    probe = fit_flat_probe(payload["train"]["x"], payload["train"]["y"], num, epochs=params.probe_epochs,
+    probe = fit_flat_probe(payload.train["x"], payload.train["y"], num, epochs=params.probe_epochs,
                            lr=params.probe_lr, seed=cfg.seed)
     with torch.no_grad():
         pred = probe.predict(torch.from_numpy(np.asarray(val["x"], dtype=np.float32))).argmax(1).numpy()
@@ -114,34 +115,40 @@ def derive_superclasses(params: MoEParams, class_names: list[str], payload: dict
         "flat_probe_val_confusion": cm.tolist()}
 
 
-def prepare(ctx: PrepareContext, params: MoEParams) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MoEExtras:
+    """The superclass of each class (the routing of the experts)."""
+
+    superclass_of_class: list[int]
+
+
+def prepare(ctx: PrepareContext, params: MoEParams) -> Payload:
     names = list(ctx.dataset.class_names)
     if params.auto_superclasses is not None and params.k > len(names):
         raise ValueError(f"k={params.k} superclasses for {len(names)} classes")
     spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
-    payload: dict[str, Any] = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
+    payload = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
     assignment, details = derive_superclasses(params, names, payload, ctx.cfg)
     groups = [[names[c] for c in range(len(names)) if assignment[c] == s] for s in range(max(assignment) + 1)]
-    payload["info"] = {"num_features": int(payload["train"]["x"].shape[1]), "superclass_of_class": assignment,
-                       "superclasses": groups, **details}
+    payload.extras = MoEExtras(superclass_of_class=list(assignment))
+    payload.report.update(superclasses=groups, **details)
     return payload
 
 
-def build_task(cfg: Any, params: MoEParams, payload: dict[str, Any]) -> MixtureOfExpertsTask:
-    info = payload["info"]
-    return MixtureOfExpertsTask(info["num_features"], info["superclass_of_class"], len(payload["class_names"]),
+def build_task(cfg: Any, params: MoEParams, payload: Payload) -> MixtureOfExpertsTask:
+    return MixtureOfExpertsTask(payload.input_shape[0], payload.extras.superclass_of_class, payload.num_classes,
                                 params.hidden, depth=params.depth, expert_weight=params.expert_weight,
                                 l2_normalize=params.l2_normalize, routing=params.routing)
 
 
-def report(cfg: Any, params: MoEParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def report(cfg: Any, params: MoEParams, payload: Payload, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """``metrics["moe"]``: superclasses, their source, superclass accuracy, most-confused pairs."""
-    info, names = payload["info"], payload["class_names"]
+    names = payload.class_names
     logits, labels = arrays["test_logits"], arrays["test_labels"]
-    superclass = np.asarray(info["superclass_of_class"])
+    superclass = np.asarray(payload.extras.superclass_of_class)
     pred = logits.argmax(1)
     cm = confusion_matrix(labels, pred, labels=np.arange(len(names)))
-    out = {k: v for k, v in info.items() if k not in ("num_features", "superclass_of_class")}
+    out = dict(payload.report)
     out["routing"] = params.routing
     out["superclass_top1"] = float((superclass[pred] == superclass[labels]).mean())
     out["most_confused_pairs"] = [{"true": a, "predicted": b, "count": n}
@@ -149,4 +156,4 @@ def report(cfg: Any, params: MoEParams, payload: dict[str, Any], arrays: dict[st
     return {"moe": out}
 
 
-RECIPE = Recipe(params=MoEParams, prepare=prepare, build_task=build_task, report=report)
+RECIPE = Recipe(params=MoEParams, prepare=prepare, build_task=build_task, report=report, extras=MoEExtras)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from polyclip.methods.probe import ProbeTask
 
 
@@ -18,15 +18,13 @@ class ProbeParams(MethodParams):
     l2_normalize: bool = True
 
 
-def prepare(ctx: PrepareContext, params: ProbeParams) -> dict[str, Any]:
+def prepare(ctx: PrepareContext, params: ProbeParams) -> Payload:
     spec, size = ctx.cfg.backbone.spec, ctx.cfg.backbone.image_size
-    payload: dict[str, Any] = split_arrays(ctx, lambda s: ctx.features(spec, size, s))
-    payload["info"] = {"num_features": int(payload["train"]["x"].shape[1])}
-    return payload
+    return split_arrays(ctx, lambda s: ctx.features(spec, size, s))
 
 
-def build_task(cfg: Any, params: ProbeParams, payload: dict[str, Any]) -> ProbeTask:
-    return ProbeTask(payload["info"]["num_features"], len(payload["class_names"]), hidden=params.hidden,
+def build_task(cfg: Any, params: ProbeParams, payload: Payload) -> ProbeTask:
+    return ProbeTask(payload.input_shape[0], payload.num_classes, hidden=params.hidden,
                      depth=params.depth, dropout=params.dropout, l2_normalize=params.l2_normalize)
 
 

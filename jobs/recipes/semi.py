@@ -18,13 +18,14 @@ teacher labels and the classes that never pass go to ``payload["info"]["report"]
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from jobs.streaming import filter_min
 from polyclip.augment.fixmatch import fixmatch_strong, fixmatch_weak
 from polyclip.backbones import create_backbone
@@ -205,18 +206,25 @@ def _fixed_teacher_probabilities(ctx: PrepareContext, teacher: TeacherParams, su
     return ensemble_teacher(ensemble, features)
 
 
-def prepare(ctx: PrepareContext, params: SemiParams) -> dict[str, Any]:
-    payload: dict[str, Any] = split_arrays(ctx, ctx.images)
-    payload["info"] = {}
+@dataclass(frozen=True)
+class SemiExtras:
+    """The teacher as ``prepare`` resolved it (thresholds chosen on validation); ``None`` without one."""
+
+    teacher: TeacherParams | None = None
+
+
+def prepare(ctx: PrepareContext, params: SemiParams) -> Payload:
+    payload = split_arrays(ctx, ctx.images)
+    payload.extras = SemiExtras()
     if params.unlabeled_loss == "none" and params.teacher is None:
         return payload
     if params.teacher is None:
-        payload["unlabeled"] = ctx.unlabeled()  # streamed to the workers; y is held back, logged only
+        payload.unlabeled = ctx.unlabeled()  # streamed to the workers; y is held back, logged only
         return payload
     probs, teacher_params, selection = resolve_teacher(ctx, params.teacher)
-    payload["info"]["teacher"] = teacher_params.model_dump()  # the worker builds its schedule from the resolved values
+    payload.extras = SemiExtras(teacher_params)  # the worker builds its schedule from the resolved values
     if selection:
-        payload["info"]["teacher_selection"] = selection
+        payload.report["teacher_selection"] = selection
         logger.info("teacher %s: threshold %.3f%s chosen on %s (held-out precision %.3f)", params.teacher.kind,
                     teacher_params.threshold, f", l2_reg {teacher_params.l2_reg:g}" if teacher_params.l2_reg else "",
                     selection.get("selected_on"), selection.get("precision", float("nan")))
@@ -226,7 +234,7 @@ def prepare(ctx: PrepareContext, params: SemiParams) -> dict[str, Any]:
         report = pseudo_label_report(probs, held_back, ctx.dataset.class_names, schedule.values())
         report.update(kind=params.teacher.kind, spec=params.teacher.spec, schedule=params.teacher.schedule,
                       selection=selection or "set in the config")
-        payload["info"]["report"] = {"teacher": report}
+        payload.report["teacher"] = report
         first = report["thresholds"][0]
         logger.info("teacher %s: pool accuracy %.3f; at threshold %.3f accepts %d (precision %s); never passing: %s",
                     params.teacher.kind, report["teacher_accuracy"], first["threshold"], first["accepted"],
@@ -244,16 +252,15 @@ def prepare(ctx: PrepareContext, params: SemiParams) -> dict[str, Any]:
             pool = {k: v[keep] for k, v in pool.items()}
         else:
             pool = filter_min(pool, "teacher_conf", min(schedule.values()), int(keep.sum()))
-    payload["unlabeled"] = pool
+    payload.unlabeled = pool
     return payload
 
 
-def build_task(cfg: Any, params: SemiParams, payload: dict[str, Any]) -> nn.Module:
-    in_chans = int(payload["train"]["x"].shape[1])
+def build_task(cfg: Any, params: SemiParams, payload: Payload) -> nn.Module:
     spec = cfg.backbone.spec
     backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
-                               in_chans=in_chans if spec.startswith(("random:", "pixels")) else None)
-    class_names = list(payload["class_names"])
+                               in_chans=payload.in_chans if spec.startswith(("random:", "pixels")) else None)
+    class_names = list(payload.class_names)
     num_classes = len(class_names)
     weak = fixmatch_weak(flip_p=params.flip_p, max_shift=params.max_shift)
     teacher = _resolved_teacher(params, payload)
@@ -262,6 +269,7 @@ def build_task(cfg: Any, params: SemiParams, payload: dict[str, Any]) -> nn.Modu
                   head_depth=params.head_depth)
     if params.unlabeled_loss == "none":
         return PseudoLabelTask(backbone, num_classes, schedule=schedule, augment=weak,
+                               pseudo_labels=teacher is not None,
                                weight=params.teacher.weight if params.teacher else 1.0, **common)  # type: ignore[arg-type]
     strong = fixmatch_strong(n=params.randaugment_n, m=params.randaugment_m, cutout_size=params.cutout,
                              flip_p=params.flip_p, max_shift=params.max_shift)
@@ -277,11 +285,11 @@ def build_task(cfg: Any, params: SemiParams, payload: dict[str, Any]) -> nn.Modu
                         teacher_weight=params.teacher.weight if params.teacher else 1.0, **common)  # type: ignore[arg-type]
 
 
-def _resolved_teacher(params: SemiParams, payload: dict[str, Any]) -> TeacherParams | None:
+def _resolved_teacher(params: SemiParams, payload: Payload) -> TeacherParams | None:
     """The teacher's params as ``prepare`` resolved them (thresholds chosen on validation), else the config's."""
-    stored = payload.get("info", {}).get("teacher")
-    if stored is not None:
-        return TeacherParams.model_validate(stored)
+    extras = payload.extras
+    if isinstance(extras, SemiExtras) and extras.teacher is not None:
+        return extras.teacher
     return params.teacher
 
 
@@ -292,10 +300,13 @@ def streams(params: SemiParams) -> dict[str, tuple[str, int]]:
     return {"": ("train", 1), "u_": ("unlabeled", params.mu)}
 
 
-def report(cfg: Any, params: SemiParams, payload: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``metrics["teacher_report"]``: per-class precision of accepted teacher labels, never-passing classes."""
-    teacher = payload["info"].get("report", {}).get("teacher")
-    return {"teacher_report": teacher} if teacher is not None else {}
+def report(cfg: Any, params: SemiParams, payload: Payload, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``metrics["teacher_report"]``: per-class precision of accepted teacher labels, never-passing classes;
+    ``metrics["teacher_selection"]``: the threshold chosen on validation and its held-out precision."""
+    out = {"teacher_report": payload.report.get("teacher"),
+           "teacher_selection": payload.report.get("teacher_selection")}
+    return {key: value for key, value in out.items() if value is not None}
 
 
-RECIPE = Recipe(params=SemiParams, prepare=prepare, build_task=build_task, streams=streams, report=report)
+RECIPE = Recipe(params=SemiParams, prepare=prepare, build_task=build_task, streams=streams, report=report,
+                extras=SemiExtras)

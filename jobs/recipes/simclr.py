@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from jobs.recipes.base import MethodParams, PrepareContext, Recipe, split_arrays
+from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from jobs.streaming import with_arrays
 from polyclip.augment.simclr import SimCLRAugment, simclr_augment
 from polyclip.backbones import create_backbone
@@ -48,8 +48,8 @@ def build_augment(params: SimCLRParams, image_size: int) -> SimCLRAugment:
     )
 
 
-def prepare(ctx: PrepareContext, params: SimCLRParams) -> dict[str, Any]:
-    payload: dict[str, Any] = split_arrays(ctx, ctx.images)
+def prepare(ctx: PrepareContext, params: SimCLRParams) -> Payload:
+    payload = split_arrays(ctx, ctx.images)
     # Labels of the pool are never shipped: only x travels.
     pool = ctx.unlabeled(held_back_labels=False)
     labeled = ctx.images("labeled") if params.include_labeled_images else None
@@ -65,24 +65,28 @@ def prepare(ctx: PrepareContext, params: SimCLRParams) -> dict[str, Any]:
             f"SimCLR needs an image pool of at least 2 images, got {count} "
             f"(data.unlabeled={ctx.cfg.data.unlabeled}, include_labeled_images={params.include_labeled_images})"
         )
-    payload["unlabeled"] = pool
-    payload["info"] = {"pretrain_images": count}
+    payload.unlabeled = pool
+    payload.report["pretrain_images"] = count
     return payload
 
 
-def build_task(cfg: Any, params: SimCLRParams, payload: dict[str, Any]) -> SimCLRTask:
-    in_chans = int(payload["train"]["x"].shape[1])
+def build_task(cfg: Any, params: SimCLRParams, payload: Payload) -> SimCLRTask:
     spec = cfg.backbone.spec
     backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
-                               in_chans=in_chans if spec.startswith(("random:", "pixels")) else None)
+                               in_chans=payload.in_chans if spec.startswith(("random:", "pixels")) else None)
     backbone.train()
-    return SimCLRTask(backbone, len(payload["class_names"]), build_augment(params, backbone.preprocessing.image_size),
+    return SimCLRTask(backbone, payload.num_classes, build_augment(params, backbone.preprocessing.image_size),
                       projection_hidden=params.projection_hidden, projection_dim=params.projection_dim,
                       temperature=params.temperature, gather_distributed=params.gather_negatives)
+
+
+def report(cfg: Any, params: SimCLRParams, payload: Payload, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``metrics["pretrain_images"]``: images the contrastive loss saw (the pool, plus the labeled ones)."""
+    return {"pretrain_images": payload.report["pretrain_images"]}
 
 
 def streams(params: SimCLRParams) -> dict[str, tuple[str, int]]:
     return {"": ("train", 1), "u_": ("unlabeled", 1)}
 
 
-RECIPE = Recipe(params=SimCLRParams, prepare=prepare, build_task=build_task, streams=streams)
+RECIPE = Recipe(params=SimCLRParams, prepare=prepare, build_task=build_task, streams=streams, report=report)

@@ -83,7 +83,7 @@ def test_relative_outputs_of_a_submitted_job_outlive_its_working_dir(monkeypatch
 
 
 def test_precision_and_loggers_validate():
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match=r"train\.precision"):
         parse_config({"name": "r", "method": {"name": "probe"}, "train": {"precision": "fp8"}})
-    with pytest.raises(ConfigError, match="run.loggers"):
+    with pytest.raises(ConfigError, match=r"run\.loggers"):
         parse_config({"name": "r", "method": {"name": "probe"}, "run": {"loggers": ["comet"]}})

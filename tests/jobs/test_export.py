@@ -10,6 +10,9 @@ import yaml
 from jobs import export
 from jobs.config import parse_config
 from jobs.recipes import RECIPES
+from jobs.recipes.base import Payload
+from jobs.recipes.distill import DistillExtras
+from jobs.recipes.finetune import FinetuneExtras
 from polyclip.backbones import create_backbone, save_backbone
 
 pytest.importorskip("onnxruntime")
@@ -25,8 +28,12 @@ def _write_run(folder, method: dict, spec="random:small_cnn@8", seed=0):
     """
     cfg = parse_config({"name": folder.name, "data": {"dataset": "synthetic"}, "backbone": {"spec": spec},
                         "method": method, "run": {"output_dir": str(folder.parent)}})
-    info = {"num_features": 784 if spec == "pixels" else 32, "teacher_dim": 24}
-    payload = {"class_names": CLASSES, "train": {"x": np.zeros((1, 1, 28, 28), np.uint8)}, "info": info}
+    # A probe trains on features (784 pixel values, else a 32-wide encoder), the others on images.
+    shape = ((784 if spec == "pixels" else 32),) if cfg.method.name == "probe" else (1, 28, 28)
+    images = {"x": np.zeros((1, *shape), np.float32), "y": np.zeros(1, np.int64)}
+    extras = {"distill": DistillExtras(teacher_dim=24), "finetune": FinetuneExtras()}.get(cfg.method.name)
+    payload = Payload(train=images, val=images, test=images, class_names=CLASSES, extras=extras)
+    RECIPES[cfg.method.name].check_payload(payload)
     torch.manual_seed(seed)
     task = RECIPES[cfg.method.name].build_task(cfg, cfg.method, payload)
     with torch.no_grad():

@@ -57,10 +57,17 @@ def test_ray_data_encode_resumes_with_only_the_missing_shards(ray_cluster, tmp_p
         start, stop = killed.bounds(number)
         killed.write_shard(number, reference[start:stop])
     assert store.open("k") is None
-    order = np.random.default_rng(1).permutation(N)
+    asked: list = []
+
+    def rows_dataset(rows):  # what a source gives: only the asked rows are read and decoded
+        asked.append(rows)
+        return _items_dataset(images, np.random.default_rng(1).permutation(rows))
+
     resumed: dict = {}
-    entry = encode_dataset(_items_dataset(images, order), SPEC, SIZE, store, "k", use_gpu=False, batch_size=32,
+    entry = encode_dataset(rows_dataset, SPEC, SIZE, store, "k", use_gpu=False, batch_size=32,
                            concurrency=1, num_rows=N, stats=resumed)
+    missing = np.r_[np.arange(*killed.bounds(1)), np.arange(*killed.bounds(2))]
+    assert len(asked) == 1 and np.array_equal(asked[0], missing)  # finished shards are never decoded again
     assert resumed["encoded_rows"] == 2 * SHARD  # the backbone saw only the missing shards' rows
     assert (resumed["shards_written"], resumed["shards_reused"]) == (2, 2)
     np.testing.assert_allclose(entry.to_numpy(), reference, rtol=1e-4, atol=1e-4)

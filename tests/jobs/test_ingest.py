@@ -68,6 +68,13 @@ def test_image_dataset_decodes_good_files_and_counts_the_bad(ray_cluster, photos
     assert report["skipped"] == BAD
     assert report["by_reason"] == {"corrupt": 1, "empty": 1, "not_an_image": 1}
     assert sorted(entry["path"] for entry in report["paths"]) == sorted(summary.corrupt)
+    # For the feature store every row stays: a bad file becomes a black image, still counted.
+    kept_stats = IngestStats.create()
+    kept = _collect(image_dataset(table, 24, stats=kept_stats, keep_failed=True))
+    assert kept["row"].tolist() == list(range(table.num_rows))
+    assert all(not kept["image"][r].any() for r in bad_rows)
+    np.testing.assert_array_equal(kept["image"][sorted(set(range(table.num_rows)) - bad_rows)], got["image"])
+    assert kept_stats.summary()["skipped"] == BAD
 
 
 def test_rows_subset_grayscale_and_strict_mode(ray_cluster, photos):

@@ -13,6 +13,8 @@ from jobs.config import ConfigError, parse_config
 from jobs.language_comparison import load_comparison, table_row, write_table
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.recipes import finetune as finetune_recipe
+from jobs.recipes.base import Payload
+from jobs.recipes.finetune import FinetuneExtras
 from polyclip.losses.ces import CESLoss
 from polyclip.text import MissingLabelVectorsError
 
@@ -47,11 +49,12 @@ def test_ces_without_word_vectors_fails_at_parse_time_naming_both_keys():
 def test_ces_prepare_ships_the_similarity_matrix_and_build_task_uses_it():
     cfg = _cfg(word_vectors={"source": "glove-6b-50d"})
     payload = RECIPES["finetune"].prepare(_ctx(cfg), cfg.method)
-    S = payload["info"]["similarity"]
+    RECIPES["finetune"].check_payload(payload)
+    S = payload.extras.similarity
     assert S.shape == (10, 10) and np.allclose(np.diag(S), 1.0)
     cat, dog, car = 0, 1, 2  # synthetic class names: cat, dog, car, ...
     assert S[cat, dog] > S[cat, car]
-    payload["class_names"] = ["cat", "dog", "car", "truck", "ship", "airplane", "bird", "horse", "frog", "deer"]
+    assert payload.class_names == ["cat", "dog", "car", "truck", "ship", "airplane", "bird", "horse", "frog", "deer"]
     task = RECIPES["finetune"].build_task(cfg, cfg.method, payload)
     assert isinstance(task.loss_fn, CESLoss) and task.loss_fn.mode == "soft"
     torch.testing.assert_close(task.loss_fn.similarity, torch.as_tensor(S))
@@ -72,7 +75,8 @@ def test_perturbation_params_reach_the_pipeline():
     cfg = parse_config({"name": "t", "backbone": {"spec": "random:small_cnn@4"},
                         "method": {"name": "finetune", "augment": "perturbation",
                                    "perturbation": {"noise_p": 0.3, "blur_p": 0.0, "flip_p": 1.0}}})
-    payload = {"train": {"x": np.zeros((2, 1, 28, 28), np.uint8)}, "class_names": ["a", "b"], "info": {}}
+    images = {"x": np.zeros((2, 1, 28, 28), np.uint8), "y": np.zeros(2, np.int64)}
+    payload = Payload(train=images, val=images, test=images, class_names=["a", "b"], extras=FinetuneExtras())
     task = finetune_recipe.build_task(cfg, cfg.method, payload)
     flip, _, blur, noise = task.augment
     assert noise.p == 0.3 and blur.p == 0.0 and flip.p == 1.0

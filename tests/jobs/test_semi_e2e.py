@@ -36,9 +36,10 @@ def test_prepare_labels_the_pool_and_reports_teacher_precision():
     cfg = load_config(CONFIGS / "fm40_teacher.yaml", [*TINY, *PIXEL_TEACHER])
     ctx = pixel_context(cfg)
     payload = RECIPES["semi"].prepare(ctx, cfg.method)
-    report = payload["info"]["report"]["teacher"]
+    RECIPES["semi"].check_payload(payload)
+    report = payload.report["teacher"]
     first = report["thresholds"][0]
-    pool = payload["unlabeled"]
+    pool = payload.unlabeled
     # Teacher-only: the pool keeps the images that pass the threshold, with their held-back labels.
     assert len(pool["x"]) == first["accepted"] > 0 and (pool["teacher_conf"] >= 0.3).all()
     assert report["pool_size"] == len(ctx.split.unlabeled)
@@ -58,21 +59,22 @@ def test_unset_teacher_choices_are_made_on_validation_never_on_the_pool(kind):
                                                        "method.teacher.k=5", "method.teacher.target_precision=0.3"])
     ctx = pixel_context(cfg)
     first = RECIPES["semi"].prepare(ctx, cfg.method)
-    selection = first["info"]["teacher_selection"]
+    selection = first.report["teacher_selection"]
     assert selection["selected_on"] == "validation" and 0 < selection["threshold"] <= 1
-    assert first["info"]["teacher"]["threshold"] == selection["threshold"]
+    assert first.extras.teacher.threshold == selection["threshold"]
     scrambled = pixel_context(cfg)
     scrambled.dataset.train.labels[scrambled.split.unlabeled] = np.random.default_rng(1).permutation(
         scrambled.dataset.train.labels[scrambled.split.unlabeled])
     again = RECIPES["semi"].prepare(scrambled, cfg.method)
-    assert again["info"]["teacher_selection"]["threshold"] == selection["threshold"]
-    assert again["info"]["teacher"] == first["info"]["teacher"]
+    assert again.report["teacher_selection"]["threshold"] == selection["threshold"]
+    assert again.extras == first.extras
 
 
 def test_supervised_baseline_has_no_pool():
     cfg = load_config(CONFIGS / "fm40_supervised.yaml", TINY)
     payload = RECIPES["semi"].prepare(pixel_context(cfg), cfg.method)
-    assert "unlabeled" not in payload and RECIPES["semi"].streams(cfg.method) == {"": ("train", 1)}
+    assert payload.unlabeled is None and RECIPES["semi"].streams(cfg.method) == {"": ("train", 1)}
+    assert RECIPES["semi"].build_task(cfg, cfg.method, payload).pseudo_labels is False
 
 
 @pytest.mark.timeout(400)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.recipes.base import Payload, Streamed
 from jobs.streaming import STREAM_THRESHOLD, ShardStream, StreamedSplit, arrays_to_dataset, split_streamed
 
 
@@ -23,13 +24,19 @@ def test_arrays_become_a_dataset_of_blocks(ray_cluster):
 
 def test_the_pool_always_streams_and_large_labeled_splits_too(ray_cluster):
     small = {"x": np.zeros((10, 1, 2, 2), np.uint8), "y": np.zeros(10, np.int64)}
-    payload = {"train": dict(small), "unlabeled": {"x": np.zeros((300, 1, 2, 2), np.uint8)}, "val": dict(small)}
+    payload = Payload(train=dict(small), val=dict(small), test=dict(small),
+                      unlabeled={"x": np.zeros((300, 1, 2, 2), np.uint8)})
     streamed = split_streamed(payload, {"train", "unlabeled"})
     assert set(streamed) == {"unlabeled"}
-    assert payload["unlabeled"] == {"streamed_rows": 300} and "x" in payload["train"]
+    assert payload.unlabeled == Streamed(300) and "x" in payload.train
     assert streamed["unlabeled"].columns == ("x",) and streamed["unlabeled"].num_rows == 300
-    big = {"train": {"y": np.zeros(STREAM_THRESHOLD + 1, np.int64)}}
+    big = Payload(train={"x": np.zeros((STREAM_THRESHOLD + 1, 2), np.float32),
+                         "y": np.zeros(STREAM_THRESHOLD + 1, np.int64)}, val=dict(small), test=dict(small))
     assert set(split_streamed(big, {"train"})) == {"train"}
+    # Tasks still size their first layer from the streamed split's shape.
+    assert big.train == Streamed(STREAM_THRESHOLD + 1) and big.input_shape == (2,)
+    with pytest.raises(TypeError, match="'train' is streamed"):
+        big.arrays("train")
 
 
 def test_mismatched_or_empty_arrays_are_refused(ray_cluster):

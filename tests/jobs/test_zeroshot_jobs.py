@@ -245,16 +245,17 @@ def test_moe_recipe_given_superclasses_build_and_report():
     cfg, ctx = _moe_ctx({"name": "moe", "superclasses": groups})
     recipe = RECIPES["moe"]
     payload = recipe.prepare(ctx, cfg.method)
-    payload["class_names"] = list(ctx.dataset.class_names)
-    assert payload["info"]["superclasses"] == [["cat", "dog", "horse", "deer"], ["car", "truck", "ship", "airplane"],
+    recipe.check_payload(payload)
+    assert payload.class_names == list(ctx.dataset.class_names)
+    assert payload.report["superclasses"] == [["cat", "dog", "horse", "deer"], ["car", "truck", "ship", "airplane"],
                                                 ["bird", "frog"]]
     task = recipe.build_task(cfg, cfg.method, payload)
-    x = torch.from_numpy(payload["test"]["x"])
+    x = torch.from_numpy(payload.test["x"])
     logits = task.predict(x).detach().numpy()
     assert logits.shape == (100, 10) and np.allclose(np.exp(logits).sum(1), 1, atol=1e-4)
-    moe = recipe.report(cfg, cfg.method, payload, {"test_logits": logits, "test_labels": payload["test"]["y"]})["moe"]
-    superclass = np.asarray(payload["info"]["superclass_of_class"])
-    expected = np.mean(superclass[logits.argmax(1)] == superclass[payload["test"]["y"]])
+    moe = recipe.report(cfg, cfg.method, payload, {"test_logits": logits, "test_labels": payload.test["y"]})["moe"]
+    superclass = np.asarray(payload.extras.superclass_of_class)
+    expected = np.mean(superclass[logits.argmax(1)] == superclass[payload.test["y"]])
     assert moe["superclass_top1"] == pytest.approx(expected) and moe["source"] == "config"
     assert all(p["true"] != p["predicted"] and p["count"] > 0 for p in moe["most_confused_pairs"])
 
@@ -264,10 +265,10 @@ def test_moe_recipe_confusion_superclasses_come_from_a_flat_probe():
 
     cfg, ctx = _moe_ctx({"name": "moe", "auto_superclasses": "confusion", "k": 3, "probe_epochs": 10})
     payload = RECIPES["moe"].prepare(ctx, cfg.method)
-    info = payload["info"]
+    info = payload.report
     assert info["source"] == "confusion" and len(info["superclasses"]) == 3
     assert sorted(n for g in info["superclasses"] for n in g) == sorted(ctx.dataset.class_names)
-    assert np.asarray(info["flat_probe_val_confusion"]).sum() == len(payload["val"]["y"])
+    assert np.asarray(info["flat_probe_val_confusion"]).sum() == len(payload.val["y"])
     assert 0.0 <= info["flat_probe_val_top1"] <= 1.0
     cfg0, ctx0 = _moe_ctx({"name": "moe", "auto_superclasses": "confusion", "k": 3}, val_per_class=0)
     with pytest.raises(ValueError, match="val_per_class > 0"):

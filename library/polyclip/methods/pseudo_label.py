@@ -175,18 +175,22 @@ class PseudoLabelTask(nn.Module):
         class_names: For the logged keys.
         head_hidden: Hidden width of an MLP head.
         head_depth: Linear layers in the head.
+        pseudo_labels: ``False``: train on the labeled images alone, the supervised
+            baseline with the same augmentation and EMA (no pool in the batch).
 
-    Batch: ``x``, ``y``; ``u_x``, ``u_teacher_y``, ``u_teacher_conf``; ``u_y`` (true
-    labels, optional) is only counted for the logged pseudo-label accuracy. Without
-    ``u_x`` it trains on the labeled images alone (the supervised baseline).
+    Batch: ``x``, ``y``; with ``pseudo_labels``, also ``u_x``, ``u_teacher_y``,
+    ``u_teacher_conf``; ``u_y`` (true labels, optional) is only counted for the logged
+    pseudo-label accuracy.
     """
 
     epoch: torch.Tensor
 
     def __init__(self, backbone: Backbone, num_classes: int, *, schedule: ThresholdSchedule | None = None,
                  weight: float = 1.0, augment: nn.Module | None = None, ema_decay: float | None = 0.999,
-                 class_names: Sequence[str] | None = None, head_hidden: int = 0, head_depth: int = 1) -> None:
+                 class_names: Sequence[str] | None = None, head_hidden: int = 0, head_depth: int = 1,
+                 pseudo_labels: bool = True) -> None:
         super().__init__()
+        self.pseudo_labels = pseudo_labels
         self.model = ImageClassifier(backbone, num_classes, head_hidden=head_hidden, head_depth=head_depth)
         self.ema = ModelEma(self.model, ema_decay, warmup=True) if ema_decay is not None else None
         self.schedule = schedule or ThresholdSchedule(0.98)
@@ -217,10 +221,13 @@ class PseudoLabelTask(nn.Module):
         return model(self.model.backbone.to_unit(x))  # type: ignore[no-any-return]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "u_x" not in batch:  # no pseudo stream: the supervised baseline (same augmentation and EMA)
+        if not self.pseudo_labels:  # the supervised baseline (same augmentation and EMA)
             logits_x = self.model(self._unit(batch["x"]))
             loss_x = F.cross_entropy(logits_x, batch["y"])
             return {"loss": loss_x, "acc": (logits_x.argmax(1) == batch["y"]).float().mean().detach()}
+        if "u_x" not in batch:
+            raise KeyError("PseudoLabelTask(pseudo_labels=True) needs the pool stream (u_x, u_teacher_y, "
+                           "u_teacher_conf) in every batch")
         n = batch["x"].shape[0]
         logits = self.model(self._unit(torch.cat([batch["x"], batch["u_x"]])))
         logits_x, logits_u = logits[:n], logits[n:]

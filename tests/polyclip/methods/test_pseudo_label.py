@@ -108,10 +108,17 @@ def test_pseudo_label_task_masks_by_the_scheduled_threshold():
 
 
 def test_pseudo_label_task_without_a_pool_is_the_supervised_baseline():
-    task = PseudoLabelTask(create_backbone("random:small_cnn@4", in_chans=1), 3)
+    task = PseudoLabelTask(create_backbone("random:small_cnn@4", in_chans=1), 3, pseudo_labels=False)
     b = {k: v for k, v in pl_batch().items() if not k.startswith("u_")}
     out = task(b)
     assert set(out) == {"loss", "acc"} and task.epoch_summary() == {}
+
+
+def test_pseudo_label_task_names_a_missing_pool_stream():
+    task = PseudoLabelTask(create_backbone("random:small_cnn@4", in_chans=1), 3)
+    b = {k: v for k, v in pl_batch().items() if not k.startswith("u_")}
+    with pytest.raises(KeyError, match="u_x"):
+        task(b)
 
 
 def test_probe_teacher_labels_separable_clusters():
