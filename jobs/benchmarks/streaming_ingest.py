@@ -67,19 +67,39 @@ def _rss_kb(pid: int) -> tuple[str, int] | None:
     return cmdline, rss
 
 
-class RayProcessSampler(threading.Thread):
-    """Peak RSS of Ray worker processes started after it (Train workers apart from the rest)."""
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
 
-    def __init__(self) -> None:
+
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+class RayProcessSampler(threading.Thread):
+    """Peak RSS of the Ray worker processes of one job (Train workers apart from the rest).
+
+    Only descendants of ``root`` (the job's driver: its raylet starts the workers) count,
+    so other Ray sessions on a shared machine do not leak into the figures.
+    """
+
+    def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
-        self.before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        self.root = root
         self.peaks = {"train_worker_kb": 0, "other_ray_worker_kb": 0}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             for name in os.listdir("/proc"):
-                if not name.isdigit() or int(name) in self.before:
+                if not name.isdigit() or not _descends_from(int(name), self.root):
                     continue
                 found = _rss_kb(int(name))
                 if found is None or ("default_worker.py" not in found[0] and not found[0].startswith("ray::")):
@@ -96,17 +116,18 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
                  f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
     env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
-    sampler = RayProcessSampler()
-    sampler.start()
     tic = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DRIVER, "--config", CONFIG, *overrides], cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "--config", CONFIG, *overrides], cwd=tree, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = RayProcessSampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate(timeout=3600)
     seconds = time.perf_counter() - tic
     sampler.stop.set()
     sampler.join()
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    line = next((x for x in stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
-        (out / f"{label}-{size}.log").write_text(proc.stdout + proc.stderr)
+        (out / f"{label}-{size}.log").write_text(stdout + stderr)
         raise RuntimeError(f"{label} run with {size} photos failed (log: {out / f'{label}-{size}.log'})")
     result = json.loads(line[6:])
     return {"path": label, "photos": size, "driver_peak_mb": round(result["driver_hwm_kb"] / 1024),

@@ -82,3 +82,21 @@ def test_fixmatch_streams_a_flat_pool_folder(ray_cluster, tmp_path, photo_folder
     assert skipped["skipped"] >= 1 and any(p["path"].endswith("broken.jpg") for p in skipped["paths"])
     run_dir = tmp_path / "runs" / "fm40-fixmatch"
     assert (run_dir / "split.parquet").exists() and (run_dir / "tracking" / "tensorboard").is_dir()
+
+
+def test_pool_features_keep_every_row_resume_and_hit_without_pixels(ray_cluster, tmp_path, photo_folders):
+    """The teachers' input: one feature per pool file (a corrupt one encoded black and reported), then a hit."""
+    labeled, pool = photo_folders
+    cfg = load_config(CONFIG, _overrides(tmp_path, labeled, pool))
+    dataset, split = train.load_data(cfg, tmp_path / "run")
+    stats: dict = {}
+    spec, size = "pixels", 16
+    features = train.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
+    assert features.shape[0] == 41  # 40 photos and broken.jpg: a row each
+    first = stats[spec][0]
+    assert not first["hit"] and first["decode_failures"]["skipped"] == 1
+    assert first["decode_failures"]["paths"][0]["path"].endswith("broken.jpg")
+    broken = [str(p) for p in dataset.pool_table.column("path").to_pylist()].index(str(pool / "broken.jpg"))
+    assert np.ptp(features[broken]) == 0 and (np.ptp(features[np.arange(41) != broken], axis=1) > 0).all()  # black
+    again = train.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
+    assert stats[spec][1]["hit"] and np.array_equal(again, features)
