@@ -57,14 +57,17 @@ print("BENCH " + json.dumps({"driver_hwm_kb": hwm, "top1": metrics["test"]["top1
 """
 
 
-def _rss_kb(pid: int) -> tuple[str, int] | None:
+def _rss_kb(pid: int) -> tuple[str, int, int] | None:
+    """``(cmdline, VmRSS, RssAnon)`` in KiB. RssAnon leaves out the object store's shared pages
+    that a Ray worker has touched (they stay mapped after the objects are freed)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0)
-    return cmdline, rss
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+              if line.startswith(("VmRSS", "RssAnon"))}
+    return cmdline, fields.get("VmRSS", 0), fields.get("RssAnon", 0)
 
 
 def _parent(pid: int) -> int:
@@ -93,7 +96,9 @@ class RayProcessSampler(threading.Thread):
     def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
         self.root = root
-        self.peaks = {"train_worker_kb": 0, "other_ray_worker_kb": 0}
+        self.peaks = {"train_worker_kb": 0, "other_ray_worker_kb": 0, "train_worker_anon_kb": 0,
+                      "other_ray_worker_anon_kb": 0}
+        self.largest_other = ""
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -104,8 +109,11 @@ class RayProcessSampler(threading.Thread):
                 found = _rss_kb(int(name))
                 if found is None or ("default_worker.py" not in found[0] and not found[0].startswith("ray::")):
                     continue
-                key = "train_worker_kb" if "RayTrainWorker" in found[0] else "other_ray_worker_kb"
-                self.peaks[key] = max(self.peaks[key], found[1])
+                kind = "train_worker" if "RayTrainWorker" in found[0] else "other_ray_worker"
+                if kind == "other_ray_worker" and found[1] > self.peaks["other_ray_worker_kb"]:
+                    self.largest_other = found[0][:60]
+                self.peaks[f"{kind}_kb"] = max(self.peaks[f"{kind}_kb"], found[1])
+                self.peaks[f"{kind}_anon_kb"] = max(self.peaks[f"{kind}_anon_kb"], found[2])
             time.sleep(0.2)
 
 
@@ -132,7 +140,10 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
     result = json.loads(line[6:])
     return {"path": label, "photos": size, "driver_peak_mb": round(result["driver_hwm_kb"] / 1024),
             "train_worker_peak_mb": round(sampler.peaks["train_worker_kb"] / 1024),
+            "train_worker_anon_mb": round(sampler.peaks["train_worker_anon_kb"] / 1024),
             "other_ray_worker_peak_mb": round(sampler.peaks["other_ray_worker_kb"] / 1024),
+            "other_ray_worker_anon_mb": round(sampler.peaks["other_ray_worker_anon_kb"] / 1024),
+            "largest_other": sampler.largest_other,
             "seconds": round(seconds, 1)}
 
 
