@@ -258,10 +258,23 @@ def check_resumable(cfg: JobConfig) -> None:
         )
 
 
+def check_trainable(cfg: JobConfig) -> None:
+    """Refuse an evaluation-only method (nothing to train), naming the job that evaluates it.
+
+    Raises:
+        ConfigError: The method's recipe has no ``build_task``.
+    """
+    recipe = RECIPES[cfg.method.name]
+    if not recipe.trainable:
+        raise ConfigError(f"method {cfg.method.name!r} has nothing to train: run it with "
+                          f"python -m {recipe.evaluated_by} --config <config> instead of jobs.train")
+
+
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run a validated job on the connected Ray cluster; return its metrics."""
     from jobs.trainer import build_trainer, read_final_checkpoint, training_inputs
 
+    check_trainable(cfg)  # before any data is loaded or any folder written
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

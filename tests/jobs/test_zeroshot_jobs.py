@@ -28,12 +28,25 @@ def test_clip_params_check_templates_and_class_prompts():
         prompt_names(["Bag"], {"Sandal": "sandal"})
 
 
-def test_clip_method_refuses_training():
+def test_clip_method_refuses_training(tmp_path, monkeypatch):
+    """An evaluation-only recipe has no task; jobs.train names the job to run before it loads any data."""
+    from jobs import train
+    from jobs.config import ConfigError
     from jobs.recipes import RECIPES
 
-    cfg = parse_config({"name": "c", "method": {"name": "clip_zeroshot"}})
-    with pytest.raises(ValueError, match="zeroshot_eval"):
-        RECIPES["clip_zeroshot"].build_task(cfg, cfg.method, {})
+    recipe = RECIPES["clip_zeroshot"]
+    assert not recipe.trainable and recipe.build_task is None and recipe.evaluated_by == "jobs.zeroshot_eval"
+    assert [name for name, r in RECIPES.items() if not r.trainable] == ["clip_zeroshot"]
+    cfg = parse_config({"name": "c", "method": {"name": "clip_zeroshot"}, "run": {"output_dir": str(tmp_path)}})
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("jobs.train loaded data for an evaluation-only method")
+
+    monkeypatch.setattr(train, "load_data", no_data)
+    with pytest.raises(ConfigError, match=r"'clip_zeroshot' has nothing to train: run it with python -m "
+                                          r"jobs.zeroshot_eval --config"):
+        train.run_job(cfg)
+    assert not cfg.run_dir.exists()
 
 
 # --- end to end through Ray ----------------------------------------------------------------------
