@@ -152,16 +152,16 @@ def encode_pool(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str,
     """
     import ray
 
-    from jobs.features import encode_dataset, weights_stamp
+    from jobs.features import encode_dataset
     from jobs.ingest import IngestStats
-    from polyclip.backbones import create_backbone
+    from polyclip.backbones import cache_identity, create_backbone
     from polyclip.features.cache import describe, feature_key
     from polyclip.features.store import FeatureStore
 
     store = FeatureStore(cfg.run.cache_dir)
     rows = dataset.pool_size(split)
     probe = create_backbone(spec, image_size=image_size)
-    key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
+    key = feature_key(cache_identity(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
                       dataset.pool_rows(split))
     del probe
     start = time.perf_counter()

@@ -86,9 +86,7 @@ def build_task(cfg: Any, params: DeViSEParams, payload: Payload) -> GeneralisedD
     vectors = np.asarray(extras.label_vectors, dtype=np.float32)
     backbone = None
     if params.finetune_backbone:
-        backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                                   in_chans=payload.in_chans if cfg.backbone.spec.startswith(("random:", "pixels"))
-                                   else None)
+        backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     in_features = backbone.num_features if backbone is not None else payload.input_shape[0]
     task = DeViSETask(backbone, in_features, vectors[extras.seen], loss=params.loss, margin=params.margin,
                       negatives=params.negatives, freeze_backbone=not params.finetune_backbone,
