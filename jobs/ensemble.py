@@ -47,13 +47,15 @@ from jobs.config import (
 from jobs.features import cached_features
 from jobs.runtime import init_ray, setup_logging
 from jobs.train import load_split_data
-from polyclip.backbones import create_backbone
+from polyclip.backbones import create_backbone, has_trained_text_encoder
 from polyclip.data.datasets import Dataset
 from polyclip.data.splits import Split
 from polyclip.ensemble import (
     DEFAULT_THRESHOLDS,
     BackboneInfo,
+    CascadeOptions,
     LinearHead,
+    ProtocolOptions,
     fit_ensemble,
     save_ensemble,
     write_ensemble_report,
@@ -191,7 +193,7 @@ def _head_kind(member: MemberConfig) -> str:
     if member.head != "auto":
         return member.head
     # Only a CLIP with real weights has a meaningful text tower; random:open_clip does not.
-    return "zero_shot" if member.spec.startswith("open_clip:") else "probe"
+    return "zero_shot" if has_trained_text_encoder(member.spec) else "probe"
 
 
 def _zero_shot_head(member: MemberConfig, class_names: list[str]) -> LinearHead:
@@ -245,11 +247,12 @@ def run_ensemble(cfg: EnsembleJobConfig) -> dict[str, Any]:
     ensemble, results = fit_ensemble(
         feats["labeled"], y_labeled, feats["test"], y_test, class_names=dataset.class_names, backbones=infos,
         features_val=feats["val"] if has_val else None, y_val=dataset.train.labels[split.val] if has_val else None,
-        zero_shot_heads=given, protocol=proto.name, combiner_fraction=proto.combiner_fraction,
+        zero_shot_heads=given, protocol=ProtocolOptions(**proto.model_dump()),
         probe_l2=comb.probe_l2, hidden=comb.hidden, combine=comb.combine, positivity=comb.positivity,
         feature_norm=comb.feature_norm, eps=comb.eps, steps=comb.steps, lr=comb.lr, weight_decay=comb.weight_decay,
-        batch_size=comb.batch_size, cascade=casc.enabled and len(cfg.backbones) > 1,
-        cascade_thresholds=casc.thresholds, max_accuracy_drop=casc.max_accuracy_drop, seed=cfg.seed,
+        batch_size=comb.batch_size, seed=cfg.seed,
+        # One backbone has no cheaper prefix: no cascade to fit.
+        cascade=CascadeOptions(**{**casc.model_dump(), "enabled": casc.enabled and len(cfg.backbones) > 1}),
     )
     cascade = results.get("cascade")
     if isinstance(cascade, dict) and cascade.get("chosen"):

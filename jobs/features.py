@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from polyclip.backbones import create_backbone
+from polyclip.backbones import cache_identity, create_backbone
 from polyclip.features.cache import FeatureCache, describe, feature_key
 from polyclip.features.store import FeatureSet, FeatureStore, ShardError, ShardWriter
 from polyclip.progress import Progress, format_seconds
@@ -333,7 +333,7 @@ def cached_features(
         raise ValueError(f"{len(images)} images for {len(indices)} indices of {dataset_spec} ({pool})")
     store = cache.store if isinstance(cache, FeatureCache) else cache
     probe = create_backbone(spec, image_size=image_size)
-    key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset_fingerprint, pool, indices)
+    key = feature_key(cache_identity(spec), probe.preprocessing.key(), dataset_fingerprint, pool, indices)
     start = time.perf_counter()
     hit = _read_entry(cache, store, key)
     if hit is not None and len(hit) == len(indices):
@@ -371,35 +371,6 @@ def _read_entry(cache: FeatureCache | FeatureStore, store: FeatureStore, key: st
         if legacy is not None:  # an older polyclip's single-file entry: move it into the store
             store.write_array(key, legacy.astype(np.float32, copy=False), {"migrated_from": f"{key}.npy"})
             return legacy
-    return None
-
-
-def weights_stamp(spec: str) -> str:
-    """Size and modification time of the local weights a spec reads, for the cache key.
-
-    ``checkpoint:<dir>`` and ``...@<file>`` specs name a path whose content can change
-    (pretraining again into the same folder); the stamp makes the cache see that.
-    """
-    path = _weights_path(spec)
-    if path is None:
-        return ""
-    stat = path.stat()
-    return f"#{stat.st_size}-{stat.st_mtime_ns}"
-
-
-def _weights_path(spec: str) -> Any:
-    from pathlib import Path
-
-    from polyclip.backbones import factory
-
-    public = getattr(factory, "weights_path", None)  # the factory's own answer, where it has one
-    if public is not None:
-        return public(spec)
-    kind, _, arg = spec.partition(":")
-    if kind == "checkpoint":
-        return factory._checkpoint_dir(arg) / "backbone.pt"
-    if "@" in arg and kind in {"timm", "open_clip"}:
-        return Path(arg.partition("@")[2]).expanduser()
     return None
 
 

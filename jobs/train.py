@@ -152,16 +152,16 @@ def encode_pool(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str,
     """
     import ray
 
-    from jobs.features import encode_dataset, weights_stamp
+    from jobs.features import encode_dataset
     from jobs.ingest import IngestStats
-    from polyclip.backbones import create_backbone
+    from polyclip.backbones import cache_identity, create_backbone
     from polyclip.features.cache import describe, feature_key
     from polyclip.features.store import FeatureStore
 
     store = FeatureStore(cfg.run.cache_dir)
     rows = dataset.pool_size(split)
     probe = create_backbone(spec, image_size=image_size)
-    key = feature_key(spec + weights_stamp(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
+    key = feature_key(cache_identity(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",
                       dataset.pool_rows(split))
     del probe
     start = time.perf_counter()
@@ -258,10 +258,23 @@ def check_resumable(cfg: JobConfig) -> None:
         )
 
 
+def check_trainable(cfg: JobConfig) -> None:
+    """Refuse an evaluation-only method (nothing to train), naming the job that evaluates it.
+
+    Raises:
+        ConfigError: The method's recipe has no ``build_task``.
+    """
+    recipe = RECIPES[cfg.method.name]
+    if not recipe.trainable:
+        raise ConfigError(f"method {cfg.method.name!r} has nothing to train: run it with "
+                          f"python -m {recipe.evaluated_by} --config <config> instead of jobs.train")
+
+
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run a validated job on the connected Ray cluster; return its metrics."""
     from jobs.trainer import build_trainer, read_final_checkpoint, training_inputs
 
+    check_trainable(cfg)  # before any data is loaded or any folder written
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

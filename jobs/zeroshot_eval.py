@@ -34,9 +34,9 @@ from jobs.config import ConfigError, JobConfig, load_config
 from jobs.recipes.clip_zeroshot import build_head, zero_shot_scores
 from jobs.runtime import init_ray, setup_logging
 from jobs.train import load_data, prepare_payload
-from jobs.zero_shot import choose_unseen, zero_shot_report
 from polyclip.backbones import create_backbone
 from polyclip.io import atomic_save_npz, atomic_write_text
+from polyclip.metrics.zero_shot import choose_unseen, zero_shot_report
 from polyclip.reports.run_report import summary_row, write_run_report
 from polyclip.reports.tables import markdown_table
 

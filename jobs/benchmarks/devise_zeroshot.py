@@ -1,7 +1,7 @@
 """DeViSE zero-shot on Fashion-MNIST: 7 seen classes train, 3 unseen are only tested.
 
 Frozen EfficientNet-Lite0 features (112 px, cached), GloVe 6B 50d label vectors. For
-each seed the 3 unseen classes are drawn with that seed (``jobs.zero_shot.choose_unseen``,
+each seed the 3 unseen classes are drawn with that seed (``polyclip.metrics.zero_shot.choose_unseen``,
 as the ``devise`` recipe does), the labeled images of the 7 seen classes train the map,
 and the full 10k test set is scored over all 10 classes.
 
@@ -38,12 +38,12 @@ from sklearn.linear_model import Ridge
 
 from jobs.benchmarks.common import out_dir, pool_features, summary
 from jobs.runtime import setup_logging
-from jobs.zero_shot import choose_unseen, zero_shot_report
 from polyclip.data.datasets import load_dataset
 from polyclip.data.splits import make_split
 from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.devise import DeViSETask
+from polyclip.metrics.zero_shot import choose_unseen, zero_shot_report
 from polyclip.reports.plots import bar_chart
 from polyclip.reports.tables import markdown_table
 from polyclip.text import label_similarity_matrix, label_vectors, load_word_vectors

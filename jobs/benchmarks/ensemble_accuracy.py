@@ -41,10 +41,11 @@ from polyclip.backbones import create_backbone
 from polyclip.data.datasets import Dataset, load_dataset
 from polyclip.data.splits import make_split
 from polyclip.ensemble import (
-    DEFAULT_THRESHOLDS,
     BackboneInfo,
+    CascadeOptions,
     Ensemble,
     LinearHead,
+    ProtocolOptions,
     TemperatureCombiner,
     evaluate_ensemble,
     fit_ensemble,
@@ -222,10 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _, res = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
                                       features_val=feats["val"] if selected_run else None,
                                       y_val=y_val if selected_run else None,
-                                      protocol=opts["protocol"], combine=opts["combine"],
+                                      protocol=ProtocolOptions(opts["protocol"]), combine=opts["combine"],
                                       feature_norm=opts["feature_norm"], steps=opts["steps"],
-                                      cascade=selected_run, cascade_thresholds=DEFAULT_THRESHOLDS,
-                                      seed=seed)
+                                      cascade=CascadeOptions(enabled=selected_run), seed=seed)
                 evaluation: dict[str, Any] = res["evaluation"]  # type: ignore[assignment]
                 test_acc[label] = evaluation["accuracy"]["adaptive"]
                 if label == "adaptive_paper":
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     # with every label used for the probes (the "shared" probes), the fair baseline.
                     if opts["protocol"] != "shared":
                         _, shared = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
-                                                 protocol="shared", steps=1, cascade=False, seed=seed)
+                                                 protocol=ProtocolOptions("shared"), steps=1,
+                                                 cascade=CascadeOptions(enabled=False), seed=seed)
                         baselines = {m: v for m, v in shared["evaluation"]["accuracy"].items()  # type: ignore[index]
                                      if m != "adaptive"}
                     test_acc.update(baselines)

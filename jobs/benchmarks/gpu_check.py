@@ -407,7 +407,7 @@ def make_method(name: str, backbone: Backbone, images: np.ndarray, labels: np.nd
                       "u_teacher_conf": torch.rand(len(u), generator=g)}
     if name == "simclr":
         augment = simclr_augment(net.preprocessing.image_size, "small")
-        return SimCLRTask(net, NUM_CLASSES, augment, gather_distributed=True), {"x": x, "y": y, "u_x": u}
+        return SimCLRTask(net, NUM_CLASSES, augment, gather_negatives=True), {"x": x, "y": y, "u_x": u}
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
 
 

@@ -35,7 +35,6 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from jobs.benchmarks.common import out_dir, pool_features, summary
-from jobs.recipes.moe import assignment_from_names, fit_flat_probe
 from jobs.runtime import setup_logging
 from polyclip.data.datasets import load_dataset
 from polyclip.data.splits import make_split
@@ -44,6 +43,8 @@ from polyclip.features.cache import FeatureCache
 from polyclip.methods.moe import (
     ROUTINGS,
     MixtureOfExpertsTask,
+    assignment_from_names,
+    fit_flat_probe,
     most_confused_pairs,
     superclasses_from_confusion,
     superclasses_from_vectors,

@@ -170,7 +170,9 @@ class Recipe:
         params: Pydantic model of ``method:`` (its ``name`` is a ``Literal``).
         prepare: Driver side: ``(ctx, params) -> Payload``. Runs once; the small splits
             go to every worker through the object store, the pool as a Ray Dataset.
-        build_task: Worker side: ``(cfg, params, payload) -> task module``.
+        build_task: Worker side: ``(cfg, params, payload) -> task module``; ``None`` for
+            an evaluation-only method (nothing to train), which names its job in
+            ``evaluated_by`` instead.
         streams: ``params -> {prefix: (payload split, batch-size multiplier)}``; the
             default trains on ``"train"`` alone.
         extras: The type of ``Payload.extras`` this recipe's ``prepare`` sets (checked by
@@ -180,15 +182,32 @@ class Recipe:
         report: Optional, driver side after training: ``(cfg, params, payload, arrays)
             -> dict`` merged into ``metrics.json``; ``arrays`` holds the final
             ``test_logits``, ``test_labels``, ``val_logits``, ``val_labels``.
+        evaluated_by: The module that runs an evaluation-only method
+            (``"jobs.zeroshot_eval"``); ``jobs.train`` refuses such a method before it
+            loads any data.
+
+    Raises:
+        TypeError: Both or neither of ``build_task`` and ``evaluated_by``.
     """
 
     params: type[MethodParams]
     prepare: Callable[[PrepareContext, Any], Payload]
-    build_task: Callable[[Any, Any, Payload], nn.Module]
+    build_task: Callable[[Any, Any, Payload], nn.Module] | None
     streams: Callable[[Any], dict[str, tuple[str, int]]] = lambda params: {"": ("train", 1)}
     report: Callable[[Any, Any, Payload, dict[str, Any]], dict[str, Any]] | None = None
     check: Callable[[Any, Any], None] | None = None
     extras: type | None = None
+    evaluated_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.build_task is None) == (self.evaluated_by is None):
+            raise TypeError(f"{self.params.__name__}: a recipe has a build_task (a method jobs.train trains) or "
+                            "evaluated_by (the job of an evaluation-only method), exactly one of them")
+
+    @property
+    def trainable(self) -> bool:
+        """Whether ``jobs.train`` can train this method (it has a ``build_task``)."""
+        return self.build_task is not None
 
     def check_payload(self, payload: Payload) -> None:
         """Raise ``TypeError`` when ``prepare`` broke the contract (a wrong type, or extras of the wrong kind)."""

@@ -3,18 +3,18 @@
 The config of ``python -m jobs.zeroshot_eval`` (it is a normal job config, so it is
 validated like every other). ``prepare`` encodes the test images through the feature
 cache; the head itself is built by :func:`build_head` from the backbone's text tower.
-There is nothing to train: ``jobs.train`` refuses this method with a pointer to
-``jobs.zeroshot_eval``.
+There is nothing to train: the recipe has no ``build_task`` but
+``evaluated_by="jobs.zeroshot_eval"``, and ``jobs.train`` refuses the method with a
+pointer to that job before it loads any data.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from torch import nn
 
 from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe
 from polyclip.backbones.base import Backbone
@@ -81,11 +81,6 @@ def prepare(ctx: PrepareContext, params: ClipZeroShotParams) -> Payload:
     return Payload(train=empty, val=dict(empty), test=test, class_names=list(ctx.dataset.class_names))
 
 
-def build_task(cfg: Any, params: ClipZeroShotParams, payload: Payload) -> nn.Module:
-    raise ValueError("method clip_zeroshot has nothing to train: run it with "
-                     "python -m jobs.zeroshot_eval --config <config> instead of jobs.train")
-
-
 def zero_shot_scores(features: np.ndarray, weights: torch.Tensor, logit_scale: float) -> np.ndarray:
     """``logit_scale * normalize(features) @ weights`` as numpy ``(N, C)``."""
     from polyclip.text.clip_zeroshot import zero_shot_logits
@@ -93,4 +88,4 @@ def zero_shot_scores(features: np.ndarray, weights: torch.Tensor, logit_scale: f
     return zero_shot_logits(torch.from_numpy(np.asarray(features)), weights, logit_scale).numpy()
 
 
-RECIPE = Recipe(params=ClipZeroShotParams, prepare=prepare, build_task=build_task)
+RECIPE = Recipe(params=ClipZeroShotParams, prepare=prepare, build_task=None, evaluated_by="jobs.zeroshot_eval")

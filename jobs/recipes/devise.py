@@ -12,7 +12,7 @@ classes only and read out by ranked cosine look-up over *all* classes:
   generalised accuracy;
 * ``report`` adds ``metrics["zero_shot"]``: unseen-only, seen-only and generalised
   accuracy, hit@1/3/5/10 over all classes, and the semantic similarity of the top-3
-  predictions against a random-pair control (:mod:`jobs.zero_shot`).
+  predictions against a random-pair control (:mod:`polyclip.metrics.zero_shot`).
 
 ``finetune_backbone: false`` (default) trains on cached features of the frozen
 backbone; ``true`` trains the backbone too, on images.
@@ -24,15 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
-from jobs.zero_shot import choose_unseen, keep_seen, zero_shot_report
 from polyclip.backbones import create_backbone
-from polyclip.methods.devise import DeViSETask
+from polyclip.methods.devise import DeViSETask, GeneralisedDeViSE
+from polyclip.metrics.zero_shot import choose_unseen, keep_seen, zero_shot_report
 from polyclip.text import label_similarity_matrix, label_vectors, load_word_vectors
 
 
@@ -46,43 +43,6 @@ class DeViSEParams(MethodParams):
     finetune_backbone: bool = False
     standardize: bool = Field(False, description="z-score cached features with the seen training statistics")
     l2_normalize: bool = True
-
-
-class GeneralisedDeViSE(nn.Module):
-    """A :class:`DeViSETask` trained on the seen classes, scoring every class.
-
-    Args:
-        task: DeViSE task built with the seen classes' vectors.
-        seen: Indices (in the full class list) of the seen classes, in the task's order.
-        all_vectors: ``(C, D)`` vectors of every class, unseen ones included.
-
-    Batch labels ``y`` index the full class list and must be seen classes.
-    """
-
-    seen_position: torch.Tensor
-    all_vectors: torch.Tensor
-
-    def __init__(self, task: DeViSETask, seen: list[int], all_vectors: np.ndarray) -> None:
-        super().__init__()
-        self.task = task
-        position = torch.full((len(all_vectors),), -1, dtype=torch.long)
-        position[torch.tensor(seen)] = torch.arange(len(seen))
-        self.register_buffer("seen_position", position)
-        self.register_buffer("all_vectors", F.normalize(torch.as_tensor(all_vectors).float(), dim=1))
-
-    @property
-    def backbone(self) -> nn.Module | None:
-        return self.task.backbone
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        y = self.seen_position[batch["y"]]
-        if bool((y < 0).any()):
-            raise ValueError("a training batch holds an unseen class: the zero-shot split leaked")
-        return self.task({**batch, "y": y})
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine scores over every class, ``(B, C)``."""
-        return F.normalize(self.task.embed(x), dim=1) @ self.all_vectors.T
 
 
 def _word_vector_options(cfg: Any) -> tuple[str, bool, dict[str, str]]:
@@ -126,9 +86,7 @@ def build_task(cfg: Any, params: DeViSEParams, payload: Payload) -> GeneralisedD
     vectors = np.asarray(extras.label_vectors, dtype=np.float32)
     backbone = None
     if params.finetune_backbone:
-        backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                                   in_chans=payload.in_chans if cfg.backbone.spec.startswith(("random:", "pixels"))
-                                   else None)
+        backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     in_features = backbone.num_features if backbone is not None else payload.input_shape[0]
     task = DeViSETask(backbone, in_features, vectors[extras.seen], loss=params.loss, margin=params.margin,
                       negatives=params.negatives, freeze_backbone=not params.finetune_backbone,

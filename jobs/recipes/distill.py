@@ -59,8 +59,7 @@ def prepare(ctx: PrepareContext, params: DistillParams) -> Payload:
 
 
 def build_task(cfg: Any, params: DistillParams, payload: Payload) -> DistillTask:
-    student = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                              in_chans=payload.in_chans if cfg.backbone.spec.startswith("random:") else None)
+    student = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     return DistillTask(student, payload.extras.teacher_dim, payload.num_classes, w_cos=params.w_cos,
                        w_ce=params.w_ce, mlp_hidden=params.mlp_hidden, mlp_depth=params.mlp_depth)
 

@@ -103,9 +103,7 @@ def build_loss(params: FinetuneParams, payload: Payload) -> torch.nn.Module:
 
 
 def build_task(cfg: Any, params: FinetuneParams, payload: Payload) -> SupervisedTask:
-    raw = cfg.backbone.spec.startswith(("random:", "pixels"))
-    backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size,
-                               in_chans=payload.in_chans if raw else None)
+    backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     augment = perturbation_pipeline(**params.perturbation.model_dump()) if params.augment == "perturbation" else None
     return SupervisedTask(backbone, payload.num_classes, loss_fn=build_loss(params, payload),
                           augment=augment, freeze_backbone=params.freeze_backbone,

@@ -26,14 +26,14 @@ from pydantic import Field, model_validator
 from sklearn.metrics import confusion_matrix
 
 from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
-from polyclip.engine.fit import fit_arrays
 from polyclip.methods.moe import (
     MixtureOfExpertsTask,
+    assignment_from_names,
+    fit_flat_probe,
     most_confused_pairs,
     superclasses_from_confusion,
     superclasses_from_vectors,
 )
-from polyclip.methods.probe import ProbeTask
 
 
 class MoEParams(MethodParams):
@@ -56,35 +56,6 @@ class MoEParams(MethodParams):
             raise ValueError("give exactly one of superclasses (lists of class names) or auto_superclasses "
                              "(vectors | confusion)")
         return self
-
-
-def assignment_from_names(groups: list[list[str]], class_names: list[str]) -> list[int]:
-    """Superclass index of every class from name groups.
-
-    Raises:
-        ValueError: Unknown names, a class in two groups, or a class in none.
-    """
-    unknown = sorted({n for g in groups for n in g} - set(class_names))
-    if unknown:
-        raise ValueError(f"superclasses name unknown classes {unknown}; valid: {class_names}")
-    flat = [n for g in groups for n in g]
-    twice = sorted({n for n in flat if flat.count(n) > 1})
-    missing = [n for n in class_names if n not in flat]
-    if twice or missing or any(not g for g in groups):
-        raise ValueError(f"superclasses must put every class in exactly one non-empty group; "
-                         f"in several: {twice}, in none: {missing}")
-    where = {n: i for i, g in enumerate(groups) for n in g}
-    return [where[n] for n in class_names]
-
-
-def fit_flat_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, lr: float,
-                   seed: int) -> ProbeTask:
-    """A linear probe trained full batch by the generic loop (the 'first model' of the confusion route)."""
-    torch.manual_seed(seed)
-    task = ProbeTask(x.shape[1], num_classes)
-    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=1e-4,
-               scheduler="constant", seed=seed)
-    return task.eval()
 
 
 def derive_superclasses(params: MoEParams, class_names: list[str], payload: dict[str, Any], cfg: Any

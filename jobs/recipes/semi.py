@@ -12,7 +12,8 @@ One recipe, three switches:
 
 Without FixMatch and without a teacher it is the supervised baseline on the same labels,
 with the same weak augmentation, EMA and budget. The per-class precision of the accepted
-teacher labels and the classes that never pass go to ``payload["info"]["report"]``.
+teacher labels and the classes that never pass go to the payload's driver-side facts
+(``Payload.report["teacher"]``), and from there to ``metrics["teacher_report"]``.
 """
 
 from __future__ import annotations
@@ -257,9 +258,7 @@ def prepare(ctx: PrepareContext, params: SemiParams) -> Payload:
 
 
 def build_task(cfg: Any, params: SemiParams, payload: Payload) -> nn.Module:
-    spec = cfg.backbone.spec
-    backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
-                               in_chans=payload.in_chans if spec.startswith(("random:", "pixels")) else None)
+    backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     class_names = list(payload.class_names)
     num_classes = len(class_names)
     weak = fixmatch_weak(flip_p=params.flip_p, max_shift=params.max_shift)
@@ -271,8 +270,8 @@ def build_task(cfg: Any, params: SemiParams, payload: Payload) -> nn.Module:
         return PseudoLabelTask(backbone, num_classes, schedule=schedule, augment=weak,
                                pseudo_labels=teacher is not None,
                                weight=params.teacher.weight if params.teacher else 1.0, **common)  # type: ignore[arg-type]
-    strong = fixmatch_strong(n=params.randaugment_n, m=params.randaugment_m, cutout_size=params.cutout,
-                             flip_p=params.flip_p, max_shift=params.max_shift)
+    strong = fixmatch_strong(randaugment_n=params.randaugment_n, randaugment_m=params.randaugment_m,
+                             cutout=params.cutout, flip_p=params.flip_p, max_shift=params.max_shift)
     adaptive = None
     if params.adaptive_threshold is not None:
         a = params.adaptive_threshold

@@ -71,13 +71,11 @@ def prepare(ctx: PrepareContext, params: SimCLRParams) -> Payload:
 
 
 def build_task(cfg: Any, params: SimCLRParams, payload: Payload) -> SimCLRTask:
-    spec = cfg.backbone.spec
-    backbone = create_backbone(spec, image_size=cfg.backbone.image_size,
-                               in_chans=payload.in_chans if spec.startswith(("random:", "pixels")) else None)
+    backbone = create_backbone(cfg.backbone.spec, image_size=cfg.backbone.image_size, in_chans=payload.in_chans)
     backbone.train()
     return SimCLRTask(backbone, payload.num_classes, build_augment(params, backbone.preprocessing.image_size),
                       projection_hidden=params.projection_hidden, projection_dim=params.projection_dim,
-                      temperature=params.temperature, gather_distributed=params.gather_negatives)
+                      temperature=params.temperature, gather_negatives=params.gather_negatives)
 
 
 def report(cfg: Any, params: SimCLRParams, payload: Payload, arrays: dict[str, np.ndarray]) -> dict[str, Any]:

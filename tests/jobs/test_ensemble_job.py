@@ -44,6 +44,18 @@ def test_bad_keys_and_values_are_named():
         ensemble_job.parse_ensemble_config({**TINY, "backbones": []})
 
 
+def test_protocol_and_cascade_keys_keep_their_names_into_the_library():
+    import dataclasses
+
+    from polyclip.ensemble import CascadeOptions, ProtocolOptions
+
+    for section, options in ((ensemble_job.ProtocolConfig, ProtocolOptions),
+                             (ensemble_job.CascadeConfig, CascadeOptions)):
+        library_defaults = {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in dataclasses.asdict(options()).items()}
+        assert library_defaults == section().model_dump()  # same keys, same defaults
+
+
 def test_bad_config_fails_before_ray_starts(monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid config")

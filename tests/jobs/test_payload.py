@@ -58,3 +58,13 @@ def test_recipes_declare_frozen_extras():
         if recipe.extras is not None:
             assert dataclasses.is_dataclass(recipe.extras), name
             assert recipe.extras.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
+
+
+def test_a_recipe_is_trainable_or_names_its_evaluation_job():
+    params, prepare = RECIPES["probe"].params, RECIPES["probe"].prepare
+    with pytest.raises(TypeError, match="exactly one of them"):
+        Recipe(params=params, prepare=prepare, build_task=None)
+    with pytest.raises(TypeError, match="exactly one of them"):
+        Recipe(params=params, prepare=prepare, build_task=RECIPES["probe"].build_task, evaluated_by="jobs.x")
+    assert not Recipe(params=params, prepare=prepare, build_task=None, evaluated_by="jobs.x").trainable
+

@@ -77,6 +77,16 @@ def test_supervised_baseline_has_no_pool():
     assert RECIPES["semi"].build_task(cfg, cfg.method, payload).pseudo_labels is False
 
 
+def test_strong_augmentation_keys_keep_their_names_into_the_library():
+    import inspect
+
+    from polyclip.augment.fixmatch import fixmatch_strong
+
+    keys = {"randaugment_n", "randaugment_m", "cutout", "flip_p", "max_shift"}
+    assert keys <= set(RECIPES["semi"].params.model_fields)
+    assert keys <= set(inspect.signature(fixmatch_strong).parameters)
+
+
 @pytest.mark.timeout(400)
 def test_fixmatch_adaptive_with_teacher_two_workers(ray_cluster, tmp_path):
     overrides = [*TINY, *PIXEL_TEACHER, "method.adaptive_threshold.eps=0.01", "train.epochs=2",

@@ -1,4 +1,4 @@
-"""Zero-shot heads through the job layer: the protocol, DeViSE and CLIP end to end, MoE recipe units."""
+"""Zero-shot heads through the job layer: CLIP params, DeViSE and CLIP end to end, MoE recipe units."""
 
 from __future__ import annotations
 
@@ -12,67 +12,8 @@ import yaml
 
 from jobs.config import parse_config
 from jobs.recipes.clip_zeroshot import ClipZeroShotParams, prompt_names
-from jobs.recipes.devise import GeneralisedDeViSE
-from jobs.zero_shot import choose_unseen, keep_seen, zero_shot_report
-from polyclip.methods.devise import DeViSETask
 
 NAMES = ["cat", "dog", "car", "truck", "ship"]
-
-
-# --- the protocol -----------------------------------------------------------------------------
-
-def test_choose_unseen_by_name_or_seeded_draw():
-    assert choose_unseen(NAMES, ["truck", "cat"], 0, seed=0) == [0, 3]
-    drawn = choose_unseen(NAMES, None, 2, seed=7)
-    assert drawn == choose_unseen(NAMES, None, 2, seed=7) and len(drawn) == 2
-    assert len({tuple(choose_unseen(NAMES, None, 2, seed=s)) for s in range(10)}) > 1
-
-
-@pytest.mark.parametrize(("names", "num", "match"), [
-    (["horse"], 0, "'horse'.*valid"), (["cat", "cat"], 0, "duplicates"), (None, 4, "at least 2"),
-    (None, 0, "needs unseen_classes"),
-])
-def test_choose_unseen_rejects_bad_splits(names, num, match):
-    with pytest.raises(ValueError, match=match):
-        choose_unseen(NAMES, names, num, seed=0)
-
-
-def test_keep_seen_drops_unseen_rows_of_every_array():
-    arrays = {"x": np.arange(10)[:, None], "y": np.array([0, 1, 2, 3, 4] * 2)}
-    kept = keep_seen(arrays, [1, 3])
-    assert set(kept["y"]) == {0, 2, 4} and (kept["x"][:, 0] % 5 == kept["y"]).all()
-
-
-def test_zero_shot_report_matches_a_manual_count():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, 200)
-    scores = rng.normal(size=(200, 5)) + 2.0 * np.eye(5)[labels] * rng.integers(0, 2, (200, 1))
-    unseen = [1, 3]
-    out = zero_shot_report(scores, labels, NAMES, unseen, similarity=np.eye(5) * 0.5 + 0.5)
-    rows = np.isin(labels, unseen)
-    manual_unseen = np.mean(np.array(unseen)[scores[rows][:, unseen].argmax(1)] == labels[rows])
-    seen = [0, 2, 4]
-    manual_seen = np.mean(np.array(seen)[scores[~rows][:, seen].argmax(1)] == labels[~rows])
-    assert out["unseen_top1"] == pytest.approx(manual_unseen)
-    assert out["seen_top1"] == pytest.approx(manual_seen)
-    assert out["generalised_top1"] == pytest.approx(np.mean(scores.argmax(1) == labels))
-    assert out["unseen_classes"] == ["dog", "truck"] and out["unseen_chance"] == 0.5
-    assert out["hit"]["hit@1"] == pytest.approx(out["generalised_top1"]) and out["hit"]["hit@10"] == 1.0
-    assert {"top3_similarity", "control_similarity"} <= set(out["semantic"])
-
-
-# --- DeViSE: the generalised task ----------------------------------------------------------------
-
-def test_generalised_devise_trains_on_seen_and_scores_every_class():
-    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
-    seen = [0, 2, 4]
-    model = GeneralisedDeViSE(DeViSETask(None, 6, vectors[seen]), seen, vectors)
-    out = model({"x": torch.randn(4, 6), "y": torch.tensor([0, 2, 4, 4])})
-    out["loss"].backward()
-    assert model.task.map.weight.grad is not None
-    assert model.predict(torch.randn(3, 6)).shape == (3, 5)
-    with pytest.raises(ValueError, match="unseen class"):
-        model({"x": torch.randn(2, 6), "y": torch.tensor([0, 1])})
 
 
 # --- CLIP params ---------------------------------------------------------------------------------
@@ -87,12 +28,25 @@ def test_clip_params_check_templates_and_class_prompts():
         prompt_names(["Bag"], {"Sandal": "sandal"})
 
 
-def test_clip_method_refuses_training():
+def test_clip_method_refuses_training(tmp_path, monkeypatch):
+    """An evaluation-only recipe has no task; jobs.train names the job to run before it loads any data."""
+    from jobs import train
+    from jobs.config import ConfigError
     from jobs.recipes import RECIPES
 
-    cfg = parse_config({"name": "c", "method": {"name": "clip_zeroshot"}})
-    with pytest.raises(ValueError, match="zeroshot_eval"):
-        RECIPES["clip_zeroshot"].build_task(cfg, cfg.method, {})
+    recipe = RECIPES["clip_zeroshot"]
+    assert not recipe.trainable and recipe.build_task is None and recipe.evaluated_by == "jobs.zeroshot_eval"
+    assert [name for name, r in RECIPES.items() if not r.trainable] == ["clip_zeroshot"]
+    cfg = parse_config({"name": "c", "method": {"name": "clip_zeroshot"}, "run": {"output_dir": str(tmp_path)}})
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("jobs.train loaded data for an evaluation-only method")
+
+    monkeypatch.setattr(train, "load_data", no_data)
+    with pytest.raises(ConfigError, match=r"'clip_zeroshot' has nothing to train: run it with python -m "
+                                          r"jobs.zeroshot_eval --config"):
+        train.run_job(cfg)
+    assert not cfg.run_dir.exists()
 
 
 # --- end to end through Ray ----------------------------------------------------------------------
@@ -225,17 +179,6 @@ def test_moe_params_need_exactly_one_source():
     with pytest.raises(ConfigError, match="exactly one of superclasses"):
         parse_config({"name": "m",
                       "method": {"name": "moe", "superclasses": [["cat"]], "auto_superclasses": "vectors"}})
-
-
-def test_moe_superclasses_from_names_are_checked():
-    from jobs.recipes.moe import assignment_from_names
-
-    names = ["cat", "dog", "car"]
-    assert assignment_from_names([["car"], ["dog", "cat"]], names) == [1, 1, 0]
-    with pytest.raises(ValueError, match=r"unknown classes \['cow'\]"):
-        assignment_from_names([["cat", "dog"], ["cow"]], names)
-    with pytest.raises(ValueError, match=r"in several: \['cat'\], in none: \['car'\]"):
-        assignment_from_names([["cat", "dog"], ["cat"]], names)
 
 
 def test_moe_recipe_given_superclasses_build_and_report():

@@ -359,9 +359,9 @@ def fixmatch_weak(flip_p: float = 0.5, max_shift: float = 0.125) -> nn.Sequentia
 
 
 def fixmatch_strong(
-    n: int = 2,
-    m: int | None = None,
-    cutout_size: float = 0.5,
+    randaugment_n: int = 2,
+    randaugment_m: int | None = None,
+    cutout: float = 0.5,
     cutout_fill: float = 0.5,
     flip_p: float = 0.5,
     max_shift: float = 0.125,
@@ -371,14 +371,16 @@ def fixmatch_strong(
     The reference implementations apply the weak flip and translation before RandAugment
     in the strong branch as well; pass ``flip_p=0, max_shift=0`` for RandAugment and
     Cutout alone. RandAugment draws every op's magnitude per image (see
-    :class:`RandAugment`) and Cutout's side is drawn per image up to ``cutout_size``, as
-    in google-research/fixmatch and USB.
+    :class:`RandAugment`) and Cutout's side is drawn per image up to ``cutout``, as
+    in google-research/fixmatch and USB. The arguments are named as the ``semi`` method's
+    config keys.
 
     Args:
-        n: RandAugment operations per image.
-        m: Unused: the references draw the magnitude per op and image (USB keeps the
-            argument as "deprecated" too); accepted so that existing configs still build.
-        cutout_size: Largest side of the Cutout square as a fraction of the image side.
+        randaugment_n: RandAugment operations per image.
+        randaugment_m: Unused: the references draw the magnitude per op and image (USB
+            keeps the argument as "deprecated" too); accepted so that existing configs
+            still build.
+        cutout: Largest side of the Cutout square as a fraction of the image side.
         cutout_fill: Value written into the Cutout square.
         flip_p: Probability of a horizontal flip before RandAugment.
         max_shift: Largest translation before RandAugment, as a fraction of the side.
@@ -392,10 +394,10 @@ def fixmatch_strong(
         >>> strong(torch.rand(4, 3, 32, 32)).shape
         torch.Size([4, 3, 32, 32])
     """
-    del m
+    del randaugment_m
     return nn.Sequential(
         K.RandomHorizontalFlip(p=flip_p),
         RandomReflectTranslate(max_shift),
-        RandAugment(n=n),
-        Cutout(size=cutout_size, fill=cutout_fill, random_size=True),
+        RandAugment(n=randaugment_n),
+        Cutout(size=cutout, fill=cutout_fill, random_size=True),
     )

@@ -60,7 +60,13 @@ def create_backbone(spec: str, *, image_size: int | None = None, in_chans: int |
     Args:
         spec: See the module docstring.
         image_size: Input side length; defaults to the model's native size.
-        in_chans: Input channels for random-init models (default 3; ``small_cnn`` 1).
+        in_chans: Channels of the caller's images; pass the data's count for every spec.
+            Architectures built from scratch take it (``random:small_cnn``,
+            ``random:<timm name>``, ``pixels``; default 1 for ``small_cnn`` and ``pixels``,
+            3 for timm). Pretrained and ``checkpoint:`` specs keep the channels their
+            weights were trained with, as does ``random:open_clip:`` (3): preprocessing
+            adapts the images (grayscale repeated to RGB, RGB averaged to grayscale), so
+            a 1-channel dataset never changes a pretrained architecture.
 
     Returns:
         The backbone, in eval mode, on the CPU.
@@ -112,6 +118,43 @@ def arch_spec(spec: str) -> str:
     if kind == "checkpoint":
         return json.loads((checkpoint_dir(arg) / "backbone.json").read_text())["arch_spec"]
     return spec
+
+
+def cache_identity(spec: str) -> str:
+    """The identity of a spec's encoder for feature caches: the spec, plus its weights file's stamp.
+
+    ``checkpoint:<dir>`` and ``...@<file>`` specs name a path whose content can change
+    (pretraining again into the same folder); the size and modification time of the file
+    (:func:`weights_path`) make a cache keyed on this string see that. Specs that read no
+    local file are their own identity.
+
+    Raises:
+        BackboneError: A ``checkpoint:`` folder without ``backbone.json``.
+        FileNotFoundError: A weights file that does not exist.
+
+    Example:
+        >>> cache_identity("random:small_cnn")
+        'random:small_cnn'
+    """
+    path = weights_path(spec)
+    if path is None:
+        return spec
+    stat = path.stat()
+    return f"{spec}#{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def has_trained_text_encoder(spec: str) -> bool:
+    """Whether a spec's backbone has a text tower with trained weights (a CLIP with real weights).
+
+    Read from the spec alone, without building the model: ``open_clip:`` specs with hub,
+    file or folder weights. ``random:open_clip:`` has a random text tower, and
+    ``checkpoint:`` encoders keep only a trained image tower.
+
+    Example:
+        >>> has_trained_text_encoder("open_clip:ViT-B-32/openai"), has_trained_text_encoder("random:open_clip:RN50")
+        (True, False)
+    """
+    return spec.partition(":")[0] == "open_clip"
 
 
 def weights_path(spec: str) -> Path | None:
@@ -398,7 +441,3 @@ def load_backbone(path: str, *, image_size: int | None = None) -> Backbone:
     )
     return Backbone(f"checkpoint:{path}", backbone.encoder, meta["num_features"], preprocessing,
                     text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
-
-
-# Kept for callers written before ``checkpoint_dir`` was public.
-_checkpoint_dir = checkpoint_dir

@@ -10,7 +10,7 @@ from polyclip.ensemble.artifact import EnsembleArtifactError, load_ensemble, sav
 from polyclip.ensemble.cascade import CascadePoint, cascade_curve, choose_threshold, prefix_predictions
 from polyclip.ensemble.combiner import TemperatureCombiner, train_combiner
 from polyclip.ensemble.evaluate import evaluate_ensemble, single_key, write_ensemble_report
-from polyclip.ensemble.fit import DEFAULT_THRESHOLDS, fit_ensemble
+from polyclip.ensemble.fit import DEFAULT_THRESHOLDS, CascadeOptions, ProtocolOptions, fit_ensemble
 from polyclip.ensemble.heads import LinearHead, fit_linear_probe, zero_shot_head
 from polyclip.ensemble.model import BackboneInfo, Ensemble, confident, preprocessing_dict
 from polyclip.ensemble.protocol import LabelProtocol, resolve_protocol
@@ -18,11 +18,13 @@ from polyclip.ensemble.protocol import LabelProtocol, resolve_protocol
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "BackboneInfo",
+    "CascadeOptions",
     "CascadePoint",
     "Ensemble",
     "EnsembleArtifactError",
     "LabelProtocol",
     "LinearHead",
+    "ProtocolOptions",
     "TemperatureCombiner",
     "cascade_curve",
     "choose_threshold",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +24,36 @@ from polyclip.ensemble.protocol import resolve_protocol
 DEFAULT_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.01)
 
 
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """Which labeled images fit the probes and which the combiner (the job's ``protocol:`` keys).
+
+    Attributes:
+        name: ``"auto"``, ``"split"`` or ``"shared"``; see :mod:`polyclip.ensemble.protocol`.
+        combiner_fraction: Share of each class's labels for the combiner under ``"split"``.
+    """
+
+    name: str = "auto"
+    combiner_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class CascadeOptions:
+    """The cost cascade fitted and evaluated with the ensemble (the job's ``cascade:`` keys).
+
+    Attributes:
+        enabled: Also train one combiner per prefix of the cost order, and trace the
+            cascade curve on the validation and test features.
+        thresholds: Thresholds of the cascade curve.
+        max_accuracy_drop: Accuracy budget for picking the cascade threshold on validation
+            data (fraction).
+    """
+
+    enabled: bool = True
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    max_accuracy_drop: float = 0.005
+
+
 def fit_ensemble(
     features_train: Mapping[str, np.ndarray],
     y_train: np.ndarray,
@@ -34,8 +65,7 @@ def fit_ensemble(
     class_names: Sequence[str],
     backbones: Mapping[str, BackboneInfo] | None = None,
     zero_shot_heads: Mapping[str, LinearHead] | None = None,
-    protocol: str = "auto",
-    combiner_fraction: float = 0.1,
+    protocol: ProtocolOptions | None = None,
     probe_l2: float = 1e-3,
     hidden: int = 128,
     combine: str = "divide",
@@ -46,9 +76,7 @@ def fit_ensemble(
     lr: float = 2e-4,
     weight_decay: float = 0.01,
     batch_size: int | None = None,
-    cascade: bool = True,
-    cascade_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    max_accuracy_drop: float = 0.005,
+    cascade: CascadeOptions | None = None,
     seed: int = 0,
 ) -> tuple[Ensemble, dict[str, object]]:
     """Fit the adaptive ensemble on labeled features and evaluate it against the baselines.
@@ -69,25 +97,25 @@ def fit_ensemble(
             artifact; names missing here are recorded with ``spec = name`` and no image size.
         zero_shot_heads: Name -> a given head (e.g. :func:`zero_shot_head` of CLIP text
             embeddings); those backbones get no probe.
-        protocol: ``"auto"``, ``"split"`` or ``"shared"``; see :mod:`polyclip.ensemble.protocol`.
-        combiner_fraction: Share of each class's labels for the combiner under ``"split"``.
+        protocol: The label protocol (default ``ProtocolOptions()``: ``"auto"``, 10% of
+            each class's labels for the combiner).
         probe_l2: Ridge penalty of the linear probes.
         hidden, combine, positivity, feature_norm, eps: See :class:`TemperatureCombiner`.
         steps, lr, weight_decay, batch_size: See :func:`train_combiner`.
-        cascade: Also train one combiner per prefix of the cost order (for the cascade).
-        cascade_thresholds: Thresholds of the cascade curve.
-        max_accuracy_drop: Accuracy budget for picking the cascade threshold on validation
-            data (fraction).
+        cascade: The cost cascade (default ``CascadeOptions()``: enabled, default
+            thresholds, 0.5% accuracy budget).
         seed: Seeds the protocol split, combiner initialisation and batch order.
 
     Returns:
         ``(ensemble, results)``; ``results`` holds the resolved protocol, the options, the
         final combiner losses, with validation data ``val_evaluation``, with test data
-        ``evaluation`` (:func:`evaluate_ensemble`), and with either, when ``cascade``,
-        ``cascade``: ``val_curve`` and ``chosen`` (the validation point of the chosen
+        ``evaluation`` (:func:`evaluate_ensemble`), and with either, when
+        ``cascade.enabled``, ``cascade``: ``val_curve`` and ``chosen`` (the validation point of the chosen
         threshold, ``None`` without validation data, ``selected_on: "validation"``),
         ``curve`` and ``chosen_test`` (the test point at that threshold) with test data.
     """
+    protocol = protocol or ProtocolOptions()
+    cascade = cascade or CascadeOptions()
     names = list(features_train)
     if not names:
         raise ValueError("fit_ensemble needs features of at least one backbone")
@@ -108,8 +136,8 @@ def fit_ensemble(
             raise ValueError(f"backbone info {info} does not match features {name!r} of dim {train[name].shape[1]}")
 
     started = time.perf_counter()
-    split = resolve_protocol(y, num_classes, protocol=protocol, fits_heads=len(given) < len(names),
-                             combiner_fraction=combiner_fraction, seed=seed)
+    split = resolve_protocol(y, num_classes, protocol=protocol.name, fits_heads=len(given) < len(names),
+                             combiner_fraction=protocol.combiner_fraction, seed=seed)
     heads = [given.get(name) or fit_linear_probe(train[name][split.head_indices], y[split.head_indices],
                                                  num_classes, l2=probe_l2) for name in names]
     comb_features = [torch.from_numpy(train[name][split.combiner_indices]) for name in names]
@@ -117,7 +145,7 @@ def fit_ensemble(
     with torch.no_grad():
         comb_logits = [head(x) for head, x in zip(heads, comb_features)]
 
-    prefixes = list(range(1, len(names) + 1)) if cascade else [len(names)]
+    prefixes = list(range(1, len(names) + 1)) if cascade.enabled else [len(names)]
     combiners, final_losses = [], {}
     for k in prefixes:
         # fork_rng: seeded initialisation without touching the caller's global RNG.
@@ -132,8 +160,8 @@ def fit_ensemble(
 
     options = {"combine": combine, "positivity": positivity, "feature_norm": feature_norm, "eps": eps,
                "hidden": hidden, "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-               "probe_l2": probe_l2, "combiner_fraction": combiner_fraction, "seed": seed,
-               "cascade_partial": "prefix_combiner" if cascade else None}
+               "probe_l2": probe_l2, "combiner_fraction": protocol.combiner_fraction, "seed": seed,
+               "cascade_partial": "prefix_combiner" if cascade.enabled else None}
     metadata = {**split.describe(), "options": options, "n_train": len(y)}
     ensemble = Ensemble(infos, class_names, heads, combiners, metadata=metadata)
     results: dict[str, object] = {**split.describe(), "options": options, "backbones": names,
@@ -150,14 +178,14 @@ def fit_ensemble(
         results["evaluation" if key == "test" else "val_evaluation"] = evaluation
         if key == "val":
             val_full = float(evaluation["accuracy"]["adaptive"])  # type: ignore[index]
-        if cascade:
-            curves[key] = cascade_curve(ensemble, subset[0], subset[1], cascade_thresholds)
+        if cascade.enabled:
+            curves[key] = cascade_curve(ensemble, subset[0], subset[1], cascade.thresholds)
     if curves:
         chosen = None
         if "val" in curves:
             # Selection reads validation data only; the test curve is reported, never consulted.
-            chosen = choose_threshold(curves["val"], max_accuracy_drop, reference_accuracy=val_full)
-        summary: dict[str, object] = {"selected_on": "validation", "max_accuracy_drop": max_accuracy_drop,
+            chosen = choose_threshold(curves["val"], cascade.max_accuracy_drop, reference_accuracy=val_full)
+        summary: dict[str, object] = {"selected_on": "validation", "max_accuracy_drop": cascade.max_accuracy_drop,
                                       "chosen": chosen.to_dict() if chosen else None,
                                       "reference_accuracy": val_full if chosen else None}
         if "val" in curves:

@@ -70,14 +70,14 @@ class NTXentLoss(nn.Module):
                                {\\sum_{k \\ne i} \\exp(\\mathrm{sim}(z_i, z_k)/\\tau)},
         \\qquad L = \\frac{1}{2N} \\sum_{i} \\ell_{i, \\mathrm{pos}(i)}
 
-    With ``gather_distributed=True`` under ``torch.distributed`` the embeddings of every
+    With ``gather_negatives=True`` under ``torch.distributed`` the embeddings of every
     rank are gathered first (gradients preserved, see :func:`gather_with_grad`), so each
     rank computes the loss of the global batch, with ``2 N world_size - 2`` negatives
     per anchor, and the value equals the single-process loss on that batch.
 
     Args:
         temperature: ``tau`` (> 0); SimCLR uses 0.5 on CIFAR-10 and 0.1 on ImageNet.
-        gather_distributed: Gather negatives from all ranks when a process group exists.
+        gather_negatives: Gather negatives from all ranks when a process group exists.
 
     Shapes:
         ``z1``, ``z2``: ``(N, D)``, row ``i`` of each being two views of image ``i``.
@@ -89,17 +89,17 @@ class NTXentLoss(nn.Module):
         >>> loss = loss_fn(z1, z2)  # ~log(15) for unrelated views
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = True) -> None:
+    def __init__(self, temperature: float = 0.5, gather_negatives: bool = True) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.temperature = temperature
-        self.gather_distributed = gather_distributed
+        self.gather_negatives = gather_negatives
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
             raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        if self.gather_distributed:
+        if self.gather_negatives:
             z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         n = z1.shape[0]
         if n < 2:

@@ -108,6 +108,51 @@ class DeViSETask(nn.Module):
         return {"loss": loss, "acc": acc}
 
 
+class GeneralisedDeViSE(nn.Module):
+    """A :class:`DeViSETask` trained on the seen classes, scoring every class.
+
+    Args:
+        task: DeViSE task built with the seen classes' vectors.
+        seen: Indices (in the full class list) of the seen classes, in the task's order.
+        all_vectors: ``(C, D)`` vectors of every class, unseen ones included.
+
+    Batch labels ``y`` index the full class list and must be seen classes; a batch
+    holding an unseen class raises ``ValueError`` (the zero-shot split leaked).
+
+    Example:
+        >>> vectors = torch.randn(5, 8)
+        >>> model = GeneralisedDeViSE(DeViSETask(None, 16, vectors[[0, 2, 4]]), [0, 2, 4], vectors)
+        >>> model.predict(torch.randn(3, 16)).shape
+        torch.Size([3, 5])
+    """
+
+    seen_position: torch.Tensor
+    all_vectors: torch.Tensor
+
+    def __init__(self, task: DeViSETask, seen: list[int], all_vectors: np.ndarray) -> None:
+        super().__init__()
+        self.task = task
+        position = torch.full((len(all_vectors),), -1, dtype=torch.long)
+        position[torch.tensor(seen)] = torch.arange(len(seen))
+        self.register_buffer("seen_position", position)
+        self.register_buffer("all_vectors", F.normalize(torch.as_tensor(all_vectors).float(), dim=1))
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The trained encoder (``None`` on cached features), for export."""
+        return self.task.backbone
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        y = self.seen_position[batch["y"]]
+        if bool((y < 0).any()):
+            raise ValueError("a training batch holds an unseen class: the zero-shot split leaked")
+        return self.task({**batch, "y": y})
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine scores over every class, ``(B, C)``."""
+        return F.normalize(self.task.embed(x), dim=1) @ self.all_vectors.T
+
+
 def _as_matrix(vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
     matrix = torch.as_tensor(np.asarray(vectors) if not isinstance(vectors, torch.Tensor) else vectors)
     matrix = matrix.detach().float().clone()

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyclip.methods.probe import mlp_head
+from polyclip.engine.fit import fit_arrays
+from polyclip.methods.probe import ProbeTask, mlp_head
 
 ROUTINGS = ("hard", "soft")
 #: Under hard routing, classes outside the routed superclass keep this share of their soft probability.
@@ -142,6 +143,56 @@ def most_confused_pairs(cm: np.ndarray, class_names: Sequence[str], n: int = 10,
     return [(class_names[i], class_names[j], int(counts[i, j])) for i, j in zip(rows, cols) if counts[i, j] > 0]
 
 
+def assignment_from_names(groups: list[list[str]], class_names: list[str]) -> list[int]:
+    """Superclass index of every class from name groups.
+
+    Args:
+        groups: Lists of class names; group ``i`` is superclass ``i``.
+        class_names: Every class name, in label order.
+
+    Returns:
+        The superclass of each class, in label order.
+
+    Raises:
+        ValueError: Unknown names, a class in two groups, or a class in none.
+    """
+    unknown = sorted({n for g in groups for n in g} - set(class_names))
+    if unknown:
+        raise ValueError(f"superclasses name unknown classes {unknown}; valid: {class_names}")
+    flat = [n for g in groups for n in g]
+    twice = sorted({n for n in flat if flat.count(n) > 1})
+    missing = [n for n in class_names if n not in flat]
+    if twice or missing or any(not g for g in groups):
+        raise ValueError(f"superclasses must put every class in exactly one non-empty group; "
+                         f"in several: {twice}, in none: {missing}")
+    where = {n: i for i, g in enumerate(groups) for n in g}
+    return [where[n] for n in class_names]
+
+
+def fit_flat_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, lr: float,
+                   seed: int) -> ProbeTask:
+    """A linear probe trained full batch by the generic loop (the 'first model' of the confusion route).
+
+    Its validation confusion matrix feeds :func:`superclasses_from_confusion`.
+
+    Args:
+        x: ``(N, D)`` features.
+        y: ``(N,)`` labels in ``[0, num_classes)``.
+        num_classes: Number of classes.
+        epochs: Full-batch steps.
+        lr: Adam learning rate.
+        seed: Seeds the initialisation and the loop.
+
+    Returns:
+        The trained probe, in eval mode.
+    """
+    torch.manual_seed(seed)
+    task = ProbeTask(x.shape[1], num_classes)
+    fit_arrays(task, {"x": x, "y": y}, epochs=epochs, optimizer="adam", lr=lr, weight_decay=1e-4,
+               scheduler="constant", seed=seed)
+    return task.eval()
+
+
 class MixtureOfExpertsTask(nn.Module):
     """A gate over superclasses and one expert head per superclass, on features.
 
@@ -250,7 +301,9 @@ __all__ = [
     "HARD_FLOOR",
     "ROUTINGS",
     "MixtureOfExpertsTask",
+    "assignment_from_names",
     "confusion_affinity",
+    "fit_flat_probe",
     "most_confused_pairs",
     "superclasses_from_confusion",
     "superclasses_from_vectors",

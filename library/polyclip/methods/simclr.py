@@ -51,7 +51,7 @@ class SimCLRTask(nn.Module):
         projection_hidden: Hidden width of the projection head (0: ``backbone.num_features``).
         projection_dim: Output width of the projection head.
         temperature: NT-Xent ``tau``.
-        gather_distributed: Gather negatives from every DDP worker.
+        gather_negatives: Gather negatives from every DDP worker.
         probe_weight: Weight of the probe's cross-entropy in the returned loss; it only
             reaches the probe's parameters, so it never changes the encoder's updates.
 
@@ -64,7 +64,7 @@ class SimCLRTask(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, augment: nn.Module, *, projection_hidden: int = 0,
-                 projection_dim: int = 128, temperature: float = 0.5, gather_distributed: bool = True,
+                 projection_dim: int = 128, temperature: float = 0.5, gather_negatives: bool = True,
                  probe_weight: float = 1.0) -> None:
         super().__init__()
         if num_classes < 2:
@@ -78,7 +78,7 @@ class SimCLRTask(nn.Module):
         self.projector = projection_head(backbone.num_features, projection_hidden or backbone.num_features,
                                          projection_dim)
         self.probe = nn.Linear(backbone.num_features, num_classes)
-        self.loss_fn = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        self.loss_fn = NTXentLoss(temperature, gather_negatives=gather_negatives)
         self.probe_weight = probe_weight
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

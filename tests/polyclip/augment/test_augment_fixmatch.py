@@ -120,7 +120,7 @@ def has_filled_block(out: torch.Tensor, fill: float, side: int) -> torch.Tensor:
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (3, 96)])
 def test_strong_changes_images_and_cuts_a_square(channels: int, size: int) -> None:
     x = torch.rand(16 if size < 64 else 2, channels, size, size)
-    strong = fixmatch_strong(n=2, cutout_size=0.5, cutout_fill=0.5)
+    strong = fixmatch_strong(randaugment_n=2, cutout=0.5, cutout_fill=0.5)
     torch.manual_seed(8)
     a = strong(x)
     torch.manual_seed(8)

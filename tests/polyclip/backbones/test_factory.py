@@ -169,3 +169,49 @@ def test_weights_path_names_the_local_file_of_each_spec(tmp_path):
         assert weights_path(spec) is None
     with pytest.raises(BackboneError, match=r"no backbone\.json"):
         weights_path(f"checkpoint:{tmp_path}")
+
+
+def test_cache_identity_follows_the_weights_of_a_checkpoint(tmp_path):
+    import os
+
+    from polyclip.backbones import cache_identity
+
+    assert cache_identity("efficientnet_lite:0") == "efficientnet_lite:0"
+    spec = f"checkpoint:{tmp_path / 'enc'}"
+    save_backbone(create_backbone("random:small_cnn@4"), tmp_path / "enc")
+    first = cache_identity(spec)
+    assert first.startswith(spec + "#")
+    os.utime(tmp_path / "enc" / "backbone.pt", ns=(1, 1))  # retrained in place: same path, new file
+    assert cache_identity(spec) != first
+
+
+@pytest.mark.parametrize(("spec", "chans"), [("pixels", 3), ("random:small_cnn@4", 3), ("random:resnet18", 1)])
+def test_from_scratch_specs_take_the_data_channels(spec, chans):
+    backbone = create_backbone(spec, image_size=16, in_chans=chans)
+    assert backbone.preprocessing.in_chans == chans
+    with torch.no_grad():
+        out = backbone.encode(torch.zeros(2, chans, 16, 16, dtype=torch.uint8))
+    assert out.shape == (2, backbone.num_features)
+
+
+def test_pretrained_and_checkpoint_specs_keep_their_channels(tmp_path):
+    gray = torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8)
+    lite = create_backbone("efficientnet_lite:0", image_size=32, in_chans=1)
+    assert lite.preprocessing.in_chans == 3  # the pretrained stem is kept; grayscale is repeated
+    assert next(m.in_channels for m in lite.encoder.modules() if isinstance(m, torch.nn.Conv2d)) == 3
+    with torch.no_grad():
+        assert lite.encode(gray).shape == (2, 1280)
+    save_backbone(create_backbone("random:small_cnn@4", in_chans=1), tmp_path / "enc")
+    rgb = create_backbone(f"checkpoint:{tmp_path / 'enc'}", in_chans=3)
+    assert rgb.preprocessing.in_chans == 1  # trained on grayscale: RGB input is averaged
+    with torch.no_grad():
+        assert rgb.encode(torch.zeros(2, 3, 28, 28, dtype=torch.uint8)).shape == (2, rgb.num_features)
+
+
+def test_trained_text_encoder_is_read_from_the_spec():
+    from polyclip.backbones import has_trained_text_encoder
+
+    assert has_trained_text_encoder("open_clip:ViT-B-32/openai")
+    assert has_trained_text_encoder("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    for spec in ("random:open_clip:RN50", "efficientnet_lite:0", "timm:resnet18", "checkpoint:/x", "pixels"):
+        assert not has_trained_text_encoder(spec)

@@ -8,7 +8,9 @@ import torch
 
 from polyclip.ensemble import (
     BackboneInfo,
+    CascadeOptions,
     CascadePoint,
+    ProtocolOptions,
     cascade_curve,
     choose_threshold,
     evaluate_ensemble,
@@ -26,7 +28,8 @@ def fitted():
     data = make_domain_features(labels_per_class=20, seed=0)
     val, y_val, data = split_off_validation(data, 300)
     ensemble, results = fit_ensemble(data.train, data.y_train, data.test, data.y_test, class_names=data.class_names,
-                                     features_val=val, y_val=y_val, protocol="split", steps=600, seed=0)
+                                     features_val=val, y_val=y_val, protocol=ProtocolOptions("split"), steps=600,
+                                     seed=0)
     return data, ensemble, results
 
 
@@ -99,7 +102,8 @@ def test_cascade_threshold_ignores_test_labels(domain_features):
     val, y_val, data = split_off_validation(data, 200)
     rng = np.random.default_rng(0)
     kwargs = dict(class_names=data.class_names, features_val=val, y_val=y_val, steps=150, seed=0,
-                  cascade_thresholds=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01), max_accuracy_drop=0.01)
+                  cascade=CascadeOptions(thresholds=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01),
+                                         max_accuracy_drop=0.01))
     _, first = fit_ensemble(data.train, data.y_train, data.test, data.y_test, **kwargs)
     _, permuted = fit_ensemble(data.train, data.y_train, data.test, rng.permutation(data.y_test), **kwargs)
     few = {name: x[:60] for name, x in data.test.items()}
@@ -139,7 +143,7 @@ def test_choose_threshold_takes_the_cheapest_point_within_budget():
 def test_one_label_per_class_works_and_records_the_shared_protocol(domain_features):
     data = domain_features(labels_per_class=1, n_test=60, seed=1)
     ensemble, results = fit_ensemble(data.train, data.y_train, data.test, data.y_test, class_names=data.class_names,
-                                     steps=20, cascade=False)
+                                     steps=20, cascade=CascadeOptions(enabled=False))
     assert results["protocol"] == "shared" and results["protocol_requested"] == "auto"
     assert ensemble.metadata["protocol"] == "shared"
     assert results["n_head_labels"] == results["n_combiner_labels"] == 6

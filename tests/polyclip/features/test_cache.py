@@ -38,17 +38,3 @@ def test_encode_images_matches_the_backbone_batchwise():
     out = encode_images(backbone, images, batch_size=3)
     assert out.shape == (7, 784) and out.dtype == np.float32
     assert np.allclose(out[0], (images[0].reshape(-1) / 255 - 0.5) / 0.5, atol=1e-6)
-
-
-def test_cache_key_follows_the_weights_of_a_checkpoint(tmp_path):
-    import os
-
-    from jobs.features import weights_stamp
-    from polyclip.backbones import save_backbone
-
-    assert weights_stamp("efficientnet_lite:0") == ""
-    save_backbone(create_backbone("random:small_cnn@4"), tmp_path / "enc")
-    first = weights_stamp(f"checkpoint:{tmp_path / 'enc'}")
-    weights = tmp_path / "enc" / "backbone.pt"
-    os.utime(weights, ns=(1, 1))  # retrained in place: same path, new file
-    assert first and weights_stamp(f"checkpoint:{tmp_path / 'enc'}") != first

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from polyclip.backbones import create_backbone
-from polyclip.methods.devise import DeViSETask
+from polyclip.methods.devise import DeViSETask, GeneralisedDeViSE
 
 
 def _synthetic(num_classes=10, dim=8, in_features=24, per_class=30, seed=0):
@@ -84,3 +85,15 @@ def test_one_step_through_a_backbone(freeze):
     assert task.predict(batch["x"]).shape == (8, 4)
     with pytest.raises(ValueError, match="in_features"):
         DeViSETask(backbone, backbone.num_features + 1, torch.randn(4, 6))
+
+
+def test_generalised_devise_trains_on_seen_and_scores_every_class():
+    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    seen = [0, 2, 4]
+    model = GeneralisedDeViSE(DeViSETask(None, 6, vectors[seen]), seen, vectors)
+    out = model({"x": torch.randn(4, 6), "y": torch.tensor([0, 2, 4, 4])})
+    out["loss"].backward()
+    assert model.task.map.weight.grad is not None
+    assert model.predict(torch.randn(3, 6)).shape == (3, 5)
+    with pytest.raises(ValueError, match="unseen class"):
+        model({"x": torch.randn(2, 6), "y": torch.tensor([0, 1])})

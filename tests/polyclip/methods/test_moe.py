@@ -4,7 +4,9 @@ import torch
 
 from polyclip.methods.moe import (
     MixtureOfExpertsTask,
+    assignment_from_names,
     confusion_affinity,
+    fit_flat_probe,
     most_confused_pairs,
     superclasses_from_confusion,
     superclasses_from_vectors,
@@ -159,3 +161,25 @@ def test_hard_routing_matches_a_naive_per_image_rule():
 def test_unknown_routing_is_named():
     with pytest.raises(ValueError, match="routing must be one of \\('hard', 'soft'\\), got 'top2'"):
         MixtureOfExpertsTask(4, [0, 1], 2, routing="top2")
+
+
+def test_moe_superclasses_from_names_are_checked():
+    names = ["cat", "dog", "car"]
+    assert assignment_from_names([["car"], ["dog", "cat"]], names) == [1, 1, 0]
+    with pytest.raises(ValueError, match=r"unknown classes \['cow'\]"):
+        assignment_from_names([["cat", "dog"], ["cow"]], names)
+    with pytest.raises(ValueError, match=r"in several: \['cat'\], in none: \['car'\]"):
+        assignment_from_names([["cat", "dog"], ["cat"]], names)
+
+
+def test_fit_flat_probe_learns_separable_features_deterministically():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = (np.eye(3)[y] * 3 + 0.1 * rng.normal(size=(60, 3))).astype(np.float32)
+    probe = fit_flat_probe(x, y, 3, epochs=50, lr=0.1, seed=0)
+    again = fit_flat_probe(x, y, 3, epochs=50, lr=0.1, seed=0)
+    assert not probe.training
+    with torch.no_grad():
+        logits = probe.predict(torch.from_numpy(x))
+        assert torch.equal(logits, again.predict(torch.from_numpy(x)))
+    assert (logits.argmax(1).numpy() == y).all()

@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         model = DistributedDataParallel(_model())
         x1, x2 = _global_batch()
         shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        loss = NTXentLoss(TAU, gather_distributed=True)(model(x1[shard]), model(x2[shard]))
+        loss = NTXentLoss(TAU, gather_negatives=True)(model(x1[shard]), model(x2[shard]))
         loss.backward()  # DDP averages the parameter gradients over the two ranks
         torch.save((loss.item(), [p.grad for p in model.parameters()]), f"{folder}/rank{rank}.pt")
     finally:
@@ -52,7 +52,7 @@ def test_two_worker_gather_equals_single_process_loss_and_gradients(tmp_path):
 
     model = _model()
     x1, x2 = _global_batch()
-    loss = NTXentLoss(TAU, gather_distributed=False)(model(x1), model(x2))
+    loss = NTXentLoss(TAU, gather_negatives=False)(model(x1), model(x2))
     loss.backward()
     for rank in range(WORLD):
         rank_loss, rank_grads = torch.load(tmp_path / f"rank{rank}.pt")
@@ -60,7 +60,7 @@ def test_two_worker_gather_equals_single_process_loss_and_gradients(tmp_path):
         for got, want in zip(rank_grads, (p.grad for p in model.parameters())):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # Local negatives only would give a different loss: the gather is what makes them equal.
-    local = NTXentLoss(TAU, gather_distributed=False)(model(x1[:PER_RANK]), model(x2[:PER_RANK]))
+    local = NTXentLoss(TAU, gather_negatives=False)(model(x1[:PER_RANK]), model(x2[:PER_RANK]))
     assert abs(local.item() - loss.item()) > 1e-3
 
 

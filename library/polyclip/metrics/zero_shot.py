@@ -11,7 +11,7 @@ Train on the seen classes only, test on the full test set, and report
   predictions to the true label against random label pairs (DeViSE, Figure 8).
 
 Shared by the DeViSE recipe and the CLIP zero-shot evaluation job, so both report the
-same numbers on the same class split.
+same numbers on the same class split: arrays of scores in, numbers out.
 """
 
 from __future__ import annotations
