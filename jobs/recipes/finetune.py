@@ -54,7 +54,9 @@ class FinetuneParams(MethodParams):
     loss: Literal["ce", "ces"] = Field("ce", description="ces needs the job's word_vectors section")
     ces_w_ce: float = Field(0.8, ge=0, description="CES weight of cross-entropy (paper: 0.8)")
     ces_w_sim: float = Field(0.2, ge=0, description="CES weight of the similarity term (paper: 0.2)")
-    ces_mode: Literal["soft", "hard"] = "soft"
+    ces_mode: Literal["hard", "soft"] = Field(
+        "hard", description="hard: the paper's equation (cross-entropy scaled by the semantic distance of the "
+                            "predicted label); soft: cross-entropy plus the expected semantic distance")
     augment: Literal["none", "perturbation"] = "none"
     perturbation: PerturbationParams = Field(default_factory=lambda: PerturbationParams.model_validate({}))
 

@@ -56,7 +56,7 @@ def test_ces_prepare_ships_the_similarity_matrix_and_build_task_uses_it():
     assert S[cat, dog] > S[cat, car]
     assert payload.class_names == ["cat", "dog", "car", "truck", "ship", "airplane", "bird", "horse", "frog", "deer"]
     task = RECIPES["finetune"].build_task(cfg, cfg.method, payload)
-    assert isinstance(task.loss_fn, CESLoss) and task.loss_fn.mode == "soft"
+    assert isinstance(task.loss_fn, CESLoss) and task.loss_fn.mode == "hard"  # the paper's form by default
     torch.testing.assert_close(task.loss_fn.similarity, torch.as_tensor(S))
     assert "loss_fn.similarity" in dict(task.named_buffers())  # a buffer: moves to the device with the task
     assert task.augment is None

@@ -22,16 +22,17 @@ class CESLoss(nn.Module):
     prediction (``s = 1``) would cost nothing and the cross-entropy term could vanish.
     Two usable forms, with ``S`` the ``(C, C)`` label similarity matrix:
 
-    * ``mode="hard"`` (the paper's product, made usable): the similarity of the argmax
-      prediction scales each example's cross-entropy,
+    * ``mode="hard"`` (default: the paper's product, made usable): the similarity of the
+      argmax prediction scales each example's cross-entropy,
 
       ``L = mean_i CE_i * (w_ce + w_sim * (1 - S[y_i, argmax_c z_ic]))``
 
       so a correct prediction weighs ``w_ce`` and a mistake up to ``w_ce + 2 w_sim``
       (cosine can be negative). The weight is a constant for autograd (argmax has no
       gradient); the gradient flows through the cross-entropy.
-    * ``mode="soft"`` (default, fully differentiable): cross-entropy plus the expected
-      semantic distance under the predicted distribution ``p = softmax(z)``,
+    * ``mode="soft"`` (an option, fully differentiable; not the paper's equation):
+      cross-entropy plus the expected semantic distance under the predicted distribution
+      ``p = softmax(z)``,
 
       ``L = w_ce * mean_i CE_i + w_sim * mean_i sum_c p_ic (1 - S[y_i, c])``.
 
@@ -44,7 +45,7 @@ class CESLoss(nn.Module):
         similarity: ``(C, C)`` label similarity ``S[i, j] = cos(v_i, v_j)``.
         w_ce: Weight of the cross-entropy term (0.8 in the paper).
         w_sim: Weight of the similarity term (0.2 in the paper).
-        mode: ``"soft"`` or ``"hard"`` (see above).
+        mode: ``"hard"`` (the paper's form) or ``"soft"`` (see above).
 
     Shapes:
         - logits: ``(B, C)``
@@ -60,7 +61,7 @@ class CESLoss(nn.Module):
 
     similarity: torch.Tensor
 
-    def __init__(self, similarity: torch.Tensor, w_ce: float = 0.8, w_sim: float = 0.2, mode: str = "soft") -> None:
+    def __init__(self, similarity: torch.Tensor, w_ce: float = 0.8, w_sim: float = 0.2, mode: str = "hard") -> None:
         super().__init__()
         if mode not in {"soft", "hard"}:
             raise ValueError(f"CESLoss mode must be 'soft' or 'hard', got {mode!r}")

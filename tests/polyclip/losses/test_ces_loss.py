@@ -86,6 +86,17 @@ def test_similarity_is_a_buffer_and_validated():
 
 def test_identity_similarity_soft_reduces_to_ce_plus_error_probability():
     logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
-    loss = CESLoss(torch.eye(4), w_ce=1.0, w_sim=1.0)(logits, y)
+    loss = CESLoss(torch.eye(4), w_ce=1.0, w_sim=1.0, mode="soft")(logits, y)
     expected = torch.nn.functional.cross_entropy(logits, y) + (1 - logits.softmax(1)[torch.arange(5), y]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_default_is_the_papers_product_of_cross_entropy_and_semantic_distance():
+    """Eq. (1) of the CES paper, with the cross-entropy weight kept: L = CE_i * (w_ce + w_sim * (1 - S[y, argmax]))."""
+    S = torch.tensor([[1.0, 0.5, -0.2], [0.5, 1.0, 0.0], [-0.2, 0.0, 1.0]])
+    logits, y = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [3.0, 0.0, 1.0]]), torch.tensor([0, 1, 2])
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    predicted = logits.argmax(1)  # correct, a near mistake (S = 0.5), a far one (S = -0.2)
+    expected = (ce * (0.8 + 0.2 * (1 - S[y, predicted]))).mean()
+    assert CESLoss(S).mode == "hard"
+    assert CESLoss(S)(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
