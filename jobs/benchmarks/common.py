@@ -5,7 +5,8 @@ records the command that reproduces it (:func:`command_line`), writes its report
 :func:`write_results` and reads frozen-backbone features through :func:`pool_features`, the
 project's feature store under the one key of ``jobs.features.cached_features``.
 
-This module imports neither Ray nor matplotlib: ``gpu_check`` runs on a machine without Ray.
+This module imports neither Ray, matplotlib nor the feature store (pyarrow) at import time:
+``gpu_check`` runs on a machine with torch and the library only.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from polyclip.data.datasets import Dataset
-from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.reports.tables import markdown_table
+
+if TYPE_CHECKING:
+    from polyclip.data.datasets import Dataset
+    from polyclip.features.cache import FeatureCache
 
 OUT_ROOT = Path("runs/benchmarks")
 
@@ -118,6 +121,7 @@ def feature_cache_key(spec: str, image_size: int | None, dataset: Dataset, pool:
     """
     from jobs.features import weights_stamp
     from polyclip.backbones import create_backbone
+    from polyclip.features.cache import feature_key
 
     preprocessing = create_backbone(spec, image_size=image_size).preprocessing.key()
     return feature_key(spec + weights_stamp(spec), preprocessing, dataset.fingerprint, pool, indices)
@@ -156,6 +160,7 @@ def pool_features(cache: FeatureCache, dataset: Dataset, spec: str, image_size: 
     if hit is not None:
         return hit
     from polyclip.backbones import create_backbone
+    from polyclip.features.cache import describe, encode_images
 
     tic = time.perf_counter()
     features = encode_images(create_backbone(spec, image_size=image_size), source.images[indices], batch_size=100)
