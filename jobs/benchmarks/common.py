@@ -168,3 +168,28 @@ def pool_features(cache: FeatureCache, dataset: Dataset, spec: str, image_size: 
     print(f"encoded {spec} {pool} ({len(indices)} images) in-process in {time.perf_counter() - tic:.0f} s",
           flush=True)
     return features
+
+
+#: The seed-0 train-pool split of ``devise_zeroshot`` and ``moe_vs_flat``: labeled and held-out images per class.
+POOL_LABELED, POOL_VAL = 500, 100
+
+
+def lite0_pool(dataset: Dataset, cache: FeatureCache, image_size: int, *, workers: int = 2
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """EfficientNet-Lite0 features and labels of the seed-0 labeled train pool and of the whole test set.
+
+    ``devise_zeroshot`` and ``moe_vs_flat`` train on the same pool, so its features are encoded once.
+
+    Returns:
+        ``x_lab, y_lab, x_test, y_test``.
+    """
+    from polyclip.data.splits import make_split
+
+    if dataset.test is None:
+        raise ValueError(f"{dataset.spec} has no test pool")
+    split = make_split(dataset.train.labels, list(dataset.class_names), labels_per_class=POOL_LABELED, seed=0,
+                       val_per_class=POOL_VAL, test_labels=dataset.test.labels)
+    spec = "efficientnet_lite:0"
+    x_test = pool_features(cache, dataset, spec, image_size, "test", split.test, workers=workers)
+    x_lab = pool_features(cache, dataset, spec, image_size, "train", split.labeled, workers=workers)
+    return x_lab, dataset.train.labels[split.labeled], x_test, dataset.test.labels[split.test]

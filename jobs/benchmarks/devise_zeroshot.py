@@ -37,18 +37,16 @@ import numpy as np
 import torch
 from sklearn.linear_model import Ridge
 
-from jobs.benchmarks.common import announce, out_dir, pool_features, summary, write_results
+from jobs.benchmarks.common import announce, lite0_pool, out_dir, summary, write_results
 from jobs.runtime import setup_logging
 from jobs.zero_shot import choose_unseen, zero_shot_report
 from polyclip.data.datasets import load_dataset
-from polyclip.data.splits import make_split
 from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.devise import DeViSETask
 from polyclip.reports.plots import bar_chart
 from polyclip.text import DEFAULT_WORD_VECTORS, label_similarity_matrix, label_vectors, load_word_vectors
 
-POOL_LABELED, POOL_VAL = 500, 100  # per class, the seed-0 split of the train pool (its labeled part is encoded)
 GRID: dict[str, list[Any]] = {"loss": ["hinge", "cosine"], "standardize": [True, False], "head_word": [False, True],
                               "labels_per_class": [200]}
 
@@ -119,20 +117,15 @@ def load_pool(args: argparse.Namespace) -> tuple[Pool, float]:
     dataset = load_dataset("fashion_mnist")
     names = list(dataset.class_names)
     assert dataset.test is not None
-    split = make_split(dataset.train.labels, names, labels_per_class=POOL_LABELED, seed=0, val_per_class=POOL_VAL,
-                       test_labels=dataset.test.labels)
-    cache = FeatureCache(args.cache_dir)
     t0 = time.perf_counter()
-    spec = "efficientnet_lite:0"
-    x_test = pool_features(cache, dataset, spec, args.image_size, "test", split.test, workers=args.workers)
-    x_lab = pool_features(cache, dataset, spec, args.image_size, "train", split.labeled, workers=args.workers)
+    x_lab, y_lab, x_test, y_test = lite0_pool(dataset, FeatureCache(args.cache_dir), args.image_size,
+                                              workers=args.workers)
     encode_s = time.perf_counter() - t0
     kv = load_word_vectors(DEFAULT_WORD_VECTORS)
     vectors = {hw: label_vectors(names, kv, head_word=hw) for hw in (False, True)}
     # Semantic similarity is always measured with the full-label vectors, so settings compare alike.
     similarity = label_similarity_matrix(vectors[False]).numpy()
-    return Pool(names, x_lab, dataset.train.labels[split.labeled], x_test, dataset.test.labels[split.test], vectors,
-                similarity, args.epochs), encode_s
+    return Pool(names, x_lab, y_lab, x_test, y_test, vectors, similarity, args.epochs), encode_s
 
 
 def train_setting(pool: Pool, setting: dict[str, Any], train_classes: list[int], xs: list[np.ndarray], seed: int

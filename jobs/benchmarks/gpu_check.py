@@ -55,6 +55,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +449,20 @@ def _print(kind: str, row: dict[str, Any]) -> None:
     print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def measured_or_skipped(row: dict[str, Any], why: str | None, deadline: float, budget_s: float,
+                        measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()``'s row, or ``row`` marked skipped: unsupported (``why``), past ``deadline``, out of memory."""
+    if why is not None:
+        return {**row, "skipped": why}
+    if time.perf_counter() > deadline:
+        return {**row, "skipped": f"time budget ({budget_s:g}s) spent"}
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {**row, "skipped": "out of device memory"}
+
+
 def fixmatch_rows(backbone: Backbone, images: np.ndarray, labels: np.ndarray, device: torch.device,
                   args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
     """FixMatch steps per labeled batch size, channels_last off/on and precision (skipped rows say why)."""
@@ -459,18 +474,10 @@ def fixmatch_rows(backbone: Backbone, images: np.ndarray, labels: np.ndarray, de
             for precision in args.precisions:
                 row: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
                                        "labeled_batch": b, "images_per_step": b * (1 + args.mu)}
-                why = unsupported(precision, device)
-                if why is not None:
-                    row["skipped"] = why
-                elif time.perf_counter() > deadline:
-                    row["skipped"] = f"time budget ({args.budget_s:g}s) spent"
-                else:
-                    try:
-                        row = bench_fixmatch(backbone, batch, device, precision, channels_last, args.steps,
-                                             args.warmup, deadline)
-                    except torch.cuda.OutOfMemoryError:
-                        row["skipped"] = "out of device memory"
-                        torch.cuda.empty_cache()
+                row = measured_or_skipped(
+                    row, unsupported(precision, device), deadline, args.budget_s,
+                    partial(bench_fixmatch, backbone, batch, device, precision, channels_last, args.steps,
+                            args.warmup, deadline))
                 rows.append(row)
                 _print("fixmatch", row)
     return rows
@@ -486,18 +493,11 @@ def method_rows(backbone: Backbone, images: np.ndarray, labels: np.ndarray, devi
             why = unsupported(precision, device)
             if why is None and precision == "fp16" and device.type != "cuda":
                 why = "fp16 autocast on CPU accumulates in half precision; fp16 is compared on GPUs only"
-            if why is not None:
-                row["skipped"] = why
-            elif time.perf_counter() > deadline + args.budget_s * 0.25:
-                row["skipped"] = f"time budget ({args.budget_s:g}s) spent"
-            else:
-                try:
-                    # At least 2 images: BatchNorm in training mode needs more than one value per channel.
-                    row = bench_method(method, backbone, images, labels, max(2, min(args.batch)), args.mu, device,
-                                       precision, max(1, args.steps))
-                except torch.cuda.OutOfMemoryError:
-                    row["skipped"] = "out of device memory"
-                    torch.cuda.empty_cache()
+            # At least 2 images: BatchNorm in training mode needs more than one value per channel.
+            row = measured_or_skipped(
+                row, why, deadline + args.budget_s * 0.25, args.budget_s,
+                partial(bench_method, method, backbone, images, labels, max(2, min(args.batch)), args.mu, device,
+                        precision, max(1, args.steps)))
             rows.append(row)
             _print("method", row)
     return rows

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
 
-from jobs.benchmarks.common import announce, out_dir, pool_features, summary, write_results
+from jobs.benchmarks.common import announce, lite0_pool, out_dir, summary, write_results
 from jobs.recipes.moe import assignment_from_names, fit_flat_probe
 from jobs.runtime import setup_logging
 from polyclip.data.datasets import load_dataset
-from polyclip.data.splits import make_split
 from polyclip.engine.fit import fit_arrays
 from polyclip.features.cache import FeatureCache
 from polyclip.methods.moe import (
@@ -162,13 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = load_dataset("fashion_mnist")
     assert dataset.test is not None
     names = list(dataset.class_names)
-    split = make_split(dataset.train.labels, names, labels_per_class=500, seed=0, val_per_class=100,
-                       test_labels=dataset.test.labels)
-    cache = FeatureCache(args.cache_dir)
-    spec = "efficientnet_lite:0"
-    x_test = pool_features(cache, dataset, spec, args.image_size, "test", split.test)
-    x_lab = pool_features(cache, dataset, spec, args.image_size, "train", split.labeled)
-    y_test, y_lab = dataset.test.labels[split.test], dataset.train.labels[split.labeled]
+    x_lab, y_lab, x_test, y_test = lite0_pool(dataset, FeatureCache(args.cache_dir), args.image_size)
     vectors = label_vectors(names, load_word_vectors(DEFAULT_WORD_VECTORS))
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in args.seeds:
