@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
-import sys
 import time
 from typing import Any
 
@@ -31,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.benchmarks.common import median, out_dir, summary
+from jobs.benchmarks.common import announce, median, out_dir, summary, write_results
 from jobs.config import WordVectorsSection
 from jobs.semantics import label_similarity
 from polyclip.backbones import create_backbone
@@ -39,7 +36,6 @@ from polyclip.data.datasets import load_dataset
 from polyclip.losses.ces import CESLoss
 from polyclip.methods.supervised import SupervisedTask
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 
 def _step(task: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
@@ -51,7 +47,7 @@ def _step(task: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, to
     return time.perf_counter() - tic
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=5)
@@ -59,17 +55,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="random:small_cnn@16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", default="soft", choices=["soft", "hard"])
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.ces_step_time", *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dataset = load_dataset("fashion_mnist")
-    idx = np.random.default_rng(0).choice(len(dataset.train.labels), args.batch_size, replace=False)
-    batch = {"x": torch.as_tensor(dataset.train.images[idx]), "y": torch.as_tensor(dataset.train.labels[idx])}
-    similarity = torch.as_tensor(label_similarity(WordVectorsSection(), dataset.class_names))
+    return parser.parse_args(argv)
 
-    base = SupervisedTask(create_backbone(args.backbone, in_chans=1), dataset.num_classes)
+
+def time_steps(args: argparse.Namespace, num_classes: int, batch: dict[str, torch.Tensor],
+               similarity: torch.Tensor) -> dict[str, list[float]]:
+    """Seconds of CE and CES training steps on copies of one model, interleaved, after the warm-up."""
+    base = SupervisedTask(create_backbone(args.backbone, in_chans=1), num_classes)
     ce_task = copy.deepcopy(base)
     ces_task = copy.deepcopy(base)
     ces_task.loss_fn = CESLoss(similarity, w_ce=0.8, w_sim=0.2, mode=args.mode)
@@ -82,32 +74,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t = _step(tasks[name], opts[name], batch)
             if i >= args.warmup:
                 times[name].append(t)
-    pair_ratio = [b / a for a, b in zip(times["ce"], times["ces"], strict=True)]
+    return times
 
-    # The loss alone (logits -> loss -> backward), and the original per-sample word-vector look-up.
-    logits = torch.randn(args.batch_size, dataset.num_classes, requires_grad=True)
-    ce_fn, ces_fn = nn.CrossEntropyLoss(), CESLoss(similarity, mode=args.mode)
+
+def time_losses(logits: torch.Tensor, y: torch.Tensor, similarity: torch.Tensor, mode: str
+                ) -> dict[str, list[float]]:
+    """Seconds of the loss alone (logits -> loss -> backward), CE and CES, 300 times each."""
+    ce_fn, ces_fn = nn.CrossEntropyLoss(), CESLoss(similarity, mode=mode)
     loss_times: dict[str, list[float]] = {"ce": [], "ces": []}
     for _ in range(300):
         for name, fn in (("ce", ce_fn), ("ces", ces_fn)):
             tic = time.perf_counter()
-            fn(logits, batch["y"]).backward()
+            fn(logits, y).backward()
             loss_times[name].append(time.perf_counter() - tic)
-    from polyclip.text import load_word_vectors, resolve_labels
+    return loss_times
 
-    kv = load_word_vectors("glove-6b-50d")
-    words = [" ".join(w) for w in resolve_labels(dataset.class_names, kv)]
+
+def time_lookup(logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> list[float]:
+    """Seconds of the original CES's per-sample gensim similarity look-up of one batch, 20 times."""
+    from polyclip.text import DEFAULT_WORD_VECTORS, load_word_vectors, resolve_labels
+
+    kv = load_word_vectors(DEFAULT_WORD_VECTORS)
+    words = [" ".join(w) for w in resolve_labels(class_names, kv)]
     lookup_times = []
     for _ in range(20):
         pred = logits.detach().argmax(1).tolist()
         tic = time.perf_counter()
-        sims = [kv.n_similarity(words[t].split(), words[p].split()) for t, p in zip(batch["y"].tolist(), pred,
-                                                                                      strict=True)]
+        sims = [kv.n_similarity(words[t].split(), words[p].split()) for t, p in zip(y.tolist(), pred, strict=True)]
         torch.tensor(sims)
         lookup_times.append(time.perf_counter() - tic)
+    return lookup_times
 
-    result = {
-        "command": command, "args": vars(args),
+
+def write_report(command: str, args: argparse.Namespace, times: dict[str, list[float]],
+                 loss_times: dict[str, list[float]], lookup_times: list[float]) -> tuple[dict[str, Any], str]:
+    """``ces_step_time.{json,md,png}``; returns the report and its markdown."""
+    pair_ratio = [b / a for a, b in zip(times["ce"], times["ces"], strict=True)]
+    extra = {
+        "args": vars(args),
         "step_seconds": {k: summary(v) for k, v in times.items()},
         "ratio_of_medians": median(times["ces"]) / median(times["ce"]),
         "median_pair_ratio": median(pair_ratio),
@@ -117,7 +121,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_met": median(pair_ratio) <= 1.05,
     }
     folder = out_dir("ces_step_time")
-    (folder / "ces_step_time.json").write_text(json.dumps(result, indent=2))
     bar_chart({"CE step (ms)": 1e3 * median(times["ce"]), "CES step (ms)": 1e3 * median(times["ces"])},
               folder / "ces_step_time.png", title=f"Training step, {args.backbone}, batch {args.batch_size}",
               ylabel="median ms per step")
@@ -130,17 +133,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"what": "per-sample gensim look-up of the batch (original CES)", "median_ms": 1e3 * median(lookup_times),
          "n": len(lookup_times)},
     ]
-    md = (f"# CES vs cross-entropy: training-step time\n\n`{command}`\n\n"
-          f"Backbone `{args.backbone}`, batch {args.batch_size} Fashion-MNIST images, {args.threads} torch "
-          f"thread(s), CES mode `{args.mode}`, {args.repeats} interleaved pairs after {args.warmup} warm-up. "
-          "The CPU is shared with other jobs, so absolute times are noisy; the pairs are interleaved so "
-          "the ratio is not.\n\n" + markdown_table(rows, floatfmt=".3f")
-          + f"\n**CES / CE step time: median of paired ratios {median(pair_ratio):.4f}, ratio of medians "
-            f"{result['ratio_of_medians']:.4f}** (target <= 1.05: {'met' if result['target_met'] else 'NOT met'}).\n"
-          + "\n![step time](ces_step_time.png)\n")
-    (folder / "ces_step_time.md").write_text(md)
+    md = write_results(folder, command, rows, title="CES vs cross-entropy: training-step time", extra=extra,
+                       stem="ces_step_time", floatfmt=".3f", blocks=[
+        f"Backbone `{args.backbone}`, batch {args.batch_size} Fashion-MNIST images, {args.threads} torch "
+        f"thread(s), CES mode `{args.mode}`, {args.repeats} interleaved pairs after {args.warmup} warm-up. "
+        "The CPU is shared with other jobs, so absolute times are noisy; the pairs are interleaved so "
+        "the ratio is not.\n", rows,
+        f"**CES / CE step time: median of paired ratios {median(pair_ratio):.4f}, ratio of medians "
+        f"{extra['ratio_of_medians']:.4f}** (target <= 1.05: {'met' if extra['target_met'] else 'NOT met'}).\n",
+        "![step time](ces_step_time.png)\n"])
+    return {"command": command, "rows": rows, **extra}, md
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.ces_step_time")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dataset = load_dataset("fashion_mnist")
+    idx = np.random.default_rng(0).choice(len(dataset.train.labels), args.batch_size, replace=False)
+    batch = {"x": torch.as_tensor(dataset.train.images[idx]), "y": torch.as_tensor(dataset.train.labels[idx])}
+    similarity = torch.as_tensor(label_similarity(WordVectorsSection(), dataset.class_names))
+    times = time_steps(args, dataset.num_classes, batch, similarity)
+    # The loss alone (logits -> loss -> backward), and the original per-sample word-vector look-up.
+    logits = torch.randn(args.batch_size, dataset.num_classes, requires_grad=True)
+    loss_times = time_losses(logits, batch["y"], similarity, args.mode)
+    lookup_times = time_lookup(logits, batch["y"], dataset.class_names)
+    report, md = write_report(command, args, times, loss_times, lookup_times)
     print(md)
-    return result
+    return report
 
 
 if __name__ == "__main__":

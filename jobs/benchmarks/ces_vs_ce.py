@@ -17,16 +17,13 @@ Figures: ``runs/benchmarks/ces_vs_ce/`` (``ces_vs_ce.md``, ``.json``, ``.png``).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import median, out_dir, summary
+from jobs.benchmarks.common import announce, median, out_dir, summary, write_results
 from jobs.config import load_config
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.semantics import label_similarity_for, semantic_metrics
@@ -34,7 +31,6 @@ from jobs.train import load_data
 from polyclip.engine import evaluate
 from polyclip.engine.fit import fit_arrays
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 CONFIGS = {"ce": "jobs/configs/language/ce.yaml", "ces": "jobs/configs/language/ces.yaml"}
 
@@ -66,7 +62,7 @@ def run_one(config: str, seed: int, epochs: int, overrides: list[str]) -> dict[s
             "train_seconds": train_s, "n_train": len(payload.train["y"]), "n_test": len(labels)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
@@ -74,18 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-limit", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="ces_vs_ce", help="output folder under runs/benchmarks/")
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.ces_vs_ce", *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(args.threads)
-    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}"]
-    runs = []
-    for seed in args.seeds:
-        for loss, config in CONFIGS.items():
-            result = run_one(config, seed, args.epochs, overrides)
-            runs.append(result)
-            print(f"seed {seed} {loss}: test acc {result['test_acc']:.4f}, semantic error distance "
-                  f"{result['semantic_error_distance']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
+    return parser.parse_args(argv)
+
+
+def compare(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Medians per loss, and the paired (same seed) CES vs CE figures with the targets."""
     by = {loss: [r for r in runs if r["loss"] == loss] for loss in CONFIGS}
     rows: list[dict[str, Any]] = []
     for loss, rs in by.items():
@@ -97,39 +86,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acc_delta = [c["test_acc"] - e["test_acc"] for e, c in zip(by["ce"], by["ces"], strict=True)]
     dist_ratio = [c["semantic_error_distance"] / e["semantic_error_distance"]
                   for e, c in zip(by["ce"], by["ces"], strict=True)]
-    result = {
-        "command": command, "args": vars(args), "runs": runs, "rows": rows,
+    figures = {
         "ces": {"test_acc": summary([r["test_acc"] for r in by["ces"]]),
                 "semantic_error_distance": summary([r["semantic_error_distance"] for r in by["ces"]])},
         "ce": {"test_acc": summary([r["test_acc"] for r in by["ce"]]),
                "semantic_error_distance": summary([r["semantic_error_distance"] for r in by["ce"]])},
         "paired": {"test_acc_points_ces_minus_ce": summary([100 * d for d in acc_delta]),
                    "error_distance_ratio_ces_over_ce": summary(dist_ratio)},
+        "targets_met": {"error distance lower by >= 10%": median(dist_ratio) <= 0.9,
+                        "accuracy loss <= 0.5 points": median(acc_delta) * 100 >= -0.5},
     }
-    target = {"error distance lower by >= 10%": median(dist_ratio) <= 0.9,
-              "accuracy loss <= 0.5 points": median(acc_delta) * 100 >= -0.5}
-    result["targets_met"] = target
+    return rows, figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.ces_vs_ce")
+    torch.set_num_threads(args.threads)
+    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}"]
+    runs = []
+    for seed in args.seeds:
+        for loss, config in CONFIGS.items():
+            result = run_one(config, seed, args.epochs, overrides)
+            runs.append(result)
+            print(f"seed {seed} {loss}: test acc {result['test_acc']:.4f}, semantic error distance "
+                  f"{result['semantic_error_distance']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
+    rows, figures = compare(runs)
     folder = out_dir(args.name)
-    (folder / "ces_vs_ce.json").write_text(json.dumps(result, indent=2))
     bars: dict[str, float] = {f"{r['loss']} (acc)": r["test_acc_median"] for r in rows}
     bars |= {f"{r['loss']} (err. dist.)": r["semantic_error_distance_median"] for r in rows}
     bar_chart(bars,
               folder / "ces_vs_ce.png", title=f"CES vs CE, median of {len(args.seeds)} seeds, {args.epochs} epochs",
               ylabel="test accuracy / semantic error distance")
-    md = (f"# CES vs cross-entropy on Fashion-MNIST\n\n`{command}`\n\n"
-          f"{args.labels_per_class} labels per class, {args.epochs} epochs, seeds {args.seeds}, "
-          f"test set of {runs[0]['n_test']} images; CPU shared with other jobs (times are indicative).\n\n"
-          + markdown_table(rows) + "\n## Per run\n\n" + markdown_table(runs)
-          + "\n## Paired (same seed)\n\n"
-          + f"- test accuracy, CES minus CE (points): median {median([100 * d for d in acc_delta]):+.2f} "
-            f"(values {[round(100 * d, 2) for d in acc_delta]})\n"
-          + f"- semantic error distance, CES / CE: median {median(dist_ratio):.3f} "
-            f"(values {[round(r, 3) for r in dist_ratio]})\n"
-          + f"- targets (error distance -10% or more, accuracy loss <= 0.5 points): {target}\n"
-          + "\n![ces vs ce](ces_vs_ce.png)\n")
-    (folder / "ces_vs_ce.md").write_text(md)
+    paired = figures["paired"]
+    acc, dist = paired["test_acc_points_ces_minus_ce"], paired["error_distance_ratio_ces_over_ce"]
+    extra = {"args": vars(args), "runs": runs, **figures}
+    md = write_results(folder, command, rows, title="CES vs cross-entropy on Fashion-MNIST", extra=extra,
+                       stem="ces_vs_ce", blocks=[
+        f"{args.labels_per_class} labels per class, {args.epochs} epochs, seeds {args.seeds}, "
+        f"test set of {runs[0]['n_test']} images; CPU shared with other jobs (times are indicative).\n", rows,
+        "## Per run\n", runs, "## Paired (same seed)\n",
+        f"- test accuracy, CES minus CE (points): median {acc['median']:+.2f} "
+        f"(values {[round(d, 2) for d in acc['values']]})\n"
+        f"- semantic error distance, CES / CE: median {dist['median']:.3f} "
+        f"(values {[round(r, 3) for r in dist['values']]})\n"
+        f"- targets (error distance -10% or more, accuracy loss <= 0.5 points): {figures['targets_met']}\n",
+        "![ces vs ce](ces_vs_ce.png)\n"])
     print(md)
-    return result
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

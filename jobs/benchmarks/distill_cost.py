@@ -11,7 +11,7 @@ process by the generic loop (no Ray, to keep the budget affordable on a shared 2
 machine): the student is a small CNN + linear layer to EfficientNet-Lite0's 1280-d
 embedding + a 4-layer MLP, trained with cosine + cross-entropy; "teacher + classifier"
 is the same 4-layer MLP on frozen EfficientNet-Lite0 embeddings at 112 px. Teacher
-embeddings come from the shared feature cache (the same keys as the Ray job's).
+embeddings come from the shared feature store (the entries of the Ray job).
 
 Inference cost is measured from raw ``uint8`` 28x28 images to logits, so the teacher's
 cost includes resizing to 112 px and the EfficientNet-Lite0 forward pass. Student and
@@ -24,45 +24,30 @@ Figures: ``runs/benchmarks/distill_cost/`` (``distill_cost.md``, ``.json``, ``.p
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import median, out_dir
+from jobs.benchmarks.common import announce, median, out_dir, pool_features, write_results
 from jobs.config import load_config
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.train import load_data
 from polyclip.backbones import create_backbone
 from polyclip.engine import evaluate
 from polyclip.engine.fit import fit_arrays
-from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
+from polyclip.features.cache import FeatureCache
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 CONFIGS = {"student": "jobs/configs/language/distill.yaml", "teacher": "jobs/configs/language/teacher_classifier.yaml"}
 
 
 def local_features(cache: FeatureCache, dataset: Any, split: Any, spec: str, image_size: int | None,
                    subset: str) -> np.ndarray:
-    """Cached features of a subset, encoded in this process on a miss (same key as ``jobs.features``)."""
+    """Cached features of a subset, encoded in this process on a miss (the feature store entry of the Ray job)."""
     pool = "test" if subset == "test" and split.test_from == "test" else "train"
-    indices = getattr(split, subset)
-    backbone = create_backbone(spec, image_size=image_size)
-    key = feature_key(spec, backbone.preprocessing.key(), dataset.fingerprint, pool, indices)
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    images = (dataset.test if pool == "test" else dataset.train).images[indices]
-    tic = time.perf_counter()
-    features = encode_images(backbone, images, batch_size=64)
-    print(f"encoded {len(images)} {subset} images with {spec} in {time.perf_counter() - tic:.0f} s", flush=True)
-    cache.put(key, features, describe(spec, image_size or 0, dataset.spec, pool, len(indices)))
-    return features
+    return pool_features(cache, dataset, spec, image_size, pool, getattr(split, subset), use_ray=False)
 
 
 def fit(task: torch.nn.Module, arrays: dict[str, np.ndarray], cfg: Any, epochs: int, batch_size: int) -> float:
@@ -73,7 +58,7 @@ def fit(task: torch.nn.Module, arrays: dict[str, np.ndarray], cfg: Any, epochs: 
     return time.perf_counter() - tic
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10, help="student epochs")
     parser.add_argument("--probe-epochs", type=int, default=60, help="teacher + classifier epochs (cheap)")
@@ -82,19 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--cache-dir", default=".cache/features")
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.distill_cost", *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}",
-                 f"data.val_per_class={args.val_per_class}"]
-    cfgs = {k: load_config(v, overrides) for k, v in CONFIGS.items()}
-    s_cfg, t_cfg = cfgs["student"], cfgs["teacher"]
-    dataset, split = load_data(s_cfg)
-    cache = FeatureCache(args.cache_dir)
-    teacher_spec, teacher_size = s_cfg.method.teacher, s_cfg.method.teacher_image_size
-    assert (teacher_spec, teacher_size) == (t_cfg.backbone.spec, t_cfg.backbone.image_size), "configs disagree"
+    return parser.parse_args(argv)
+
+
+def train_both(cfgs: dict[str, Any], dataset: Any, split: Any, cache: FeatureCache,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """Student and teacher + classifier, each built by its recipe and trained; test accuracy and seconds."""
 
     def features(spec: str, size: int | None, subset: str) -> np.ndarray:
         return local_features(cache, dataset, split, spec, size, subset)
@@ -113,10 +91,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = {"task": task, "test_acc": float((logits.argmax(1) == payload.test["y"]).mean()),
                          "train_seconds": seconds, "epochs": epochs}
         print(f"{name}: test acc {results[name]['test_acc']:.4f} ({seconds:.0f} s)", flush=True)
+    return results
 
-    student = results["student"]["task"]
-    probe = results["teacher"]["task"]
-    teacher = create_backbone(teacher_spec, image_size=teacher_size).eval()
+
+def inference_cost(student: Any, probe: Any, teacher: Any, images: np.ndarray, repeats: int
+                   ) -> dict[str, dict[int, float]]:
+    """Median seconds per image from raw images to logits, batches 1 and 64, the two models interleaved."""
 
     @torch.no_grad()
     def student_infer(x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +106,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def teacher_infer(x: torch.Tensor) -> torch.Tensor:
         return probe.predict(teacher.encode(x))
 
-    images = dataset.test.images[split.test]  # type: ignore[union-attr]
     cost: dict[str, dict[int, float]] = {"student": {}, "teacher": {}}
     for batch in (1, 64):
         x = torch.as_tensor(images[:batch])
         times: dict[str, list[float]] = {"student": [], "teacher": []}
-        for i in range(args.repeats + 3):
+        for i in range(repeats + 3):
             for name, fn in (("student", student_infer), ("teacher", teacher_infer))[:: 1 if i % 2 else -1]:
                 tic = time.perf_counter()
                 fn(x)
@@ -139,10 +118,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     times[name].append((time.perf_counter() - tic) / batch)
         for name in cost:
             cost[name][batch] = median(times[name])
+    return cost
 
-    def params(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
 
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def write_report(command: str, args: argparse.Namespace, results: dict[str, Any], teacher: torch.nn.Module,
+                 teacher_size: int, cost: dict[str, dict[int, float]], split: Any) -> tuple[dict[str, Any], str]:
+    """``distill_cost.{json,md,png}``; returns the report and its markdown."""
+    student, probe = results["student"]["task"], results["teacher"]["task"]
     rows = [
         {"model": "distilled student (small CNN + linear + 4-layer MLP)", "test_acc": results["student"]["test_acc"],
          "ms_per_image_b1": 1e3 * cost["student"][1], "ms_per_image_b64": 1e3 * cost["student"][64],
@@ -153,23 +139,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          "input": f"{teacher_size}x{teacher_size}", "train_epochs": results["teacher"]["epochs"]},
     ]
     speedup = {b: cost["teacher"][b] / cost["student"][b] for b in (1, 64)}
-    out = {"command": command, "args": vars(args), "rows": rows,
-           "teacher_over_student_cost": speedup, "n_train": len(split.labeled), "n_test": len(split.test)}
+    extra = {"args": vars(args), "teacher_over_student_cost": speedup, "n_train": len(split.labeled),
+             "n_test": len(split.test)}
     folder = out_dir("distill_cost")
-    (folder / "distill_cost.json").write_text(json.dumps(out, indent=2))
     bar_chart({"student": 1e3 * cost["student"][64], "teacher + classifier": 1e3 * cost["teacher"][64]},
               folder / "distill_cost.png", title="Inference cost per image (batch 64, 1 thread)", ylabel="ms / image")
-    md = (f"# Distilled student vs teacher + classifier\n\n`{command}`\n\n"
-          f"Fashion-MNIST, {args.labels_per_class} labels per class ({len(split.labeled)} images), "
-          f"test set of {len(split.test)} images, seed 0, one run (no repeats over seeds). Inference: raw "
-          f"uint8 images to logits, 1 torch thread, median of {args.repeats} interleaved repeats. The CPU is "
-          "shared with other jobs, so absolute times are noisy; the ratio is measured side by side.\n\n"
-          + markdown_table(rows, floatfmt=".4f")
-          + f"\nTeacher + classifier / student cost per image: {speedup[1]:.1f}x at batch 1, "
-            f"{speedup[64]:.1f}x at batch 64.\n\n![cost](distill_cost.png)\n")
-    (folder / "distill_cost.md").write_text(md)
+    md = write_results(folder, command, rows, title="Distilled student vs teacher + classifier", extra=extra,
+                       stem="distill_cost", floatfmt=".4f", blocks=[
+        f"Fashion-MNIST, {args.labels_per_class} labels per class ({len(split.labeled)} images), "
+        f"test set of {len(split.test)} images, seed 0, one run (no repeats over seeds). Inference: raw "
+        f"uint8 images to logits, 1 torch thread, median of {args.repeats} interleaved repeats. The CPU is "
+        "shared with other jobs, so absolute times are noisy; the ratio is measured side by side.\n", rows,
+        f"Teacher + classifier / student cost per image: {speedup[1]:.1f}x at batch 1, "
+        f"{speedup[64]:.1f}x at batch 64.\n\n![cost](distill_cost.png)\n"])
+    return {"command": command, "rows": rows, **extra}, md
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.distill_cost")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    overrides = [f"data.labels_per_class={args.labels_per_class}", f"data.test_limit={args.test_limit}",
+                 f"data.val_per_class={args.val_per_class}"]
+    cfgs = {k: load_config(v, overrides) for k, v in CONFIGS.items()}
+    s_cfg, t_cfg = cfgs["student"], cfgs["teacher"]
+    dataset, split = load_data(s_cfg)
+    teacher_spec, teacher_size = s_cfg.method.teacher, s_cfg.method.teacher_image_size
+    assert (teacher_spec, teacher_size) == (t_cfg.backbone.spec, t_cfg.backbone.image_size), "configs disagree"
+    results = train_both(cfgs, dataset, split, FeatureCache(args.cache_dir), args)
+    teacher = create_backbone(teacher_spec, image_size=teacher_size).eval()
+    images = dataset.test.images[split.test]  # type: ignore[union-attr]
+    cost = inference_cost(results["student"]["task"], results["teacher"]["task"], teacher, images, args.repeats)
+    report, md = write_report(command, args, results, teacher, teacher_size, cost, split)
     print(md)
-    return out
+    return report
 
 
 if __name__ == "__main__":

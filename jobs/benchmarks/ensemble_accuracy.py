@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import command_line, out_dir, summary
-from jobs.benchmarks.common import pool_features as ray_pool_features
+from jobs.benchmarks.common import announce, feature_cache_key, out_dir, pool_features, summary, write_results
 from jobs.runtime import init_ray, setup_logging
-from polyclip.backbones import create_backbone
 from polyclip.data.datasets import Dataset, load_dataset
-from polyclip.data.splits import make_split
+from polyclip.data.splits import Split, make_split
 from polyclip.ensemble import (
     BackboneInfo,
     CascadeOptions,
@@ -54,9 +52,8 @@ from polyclip.ensemble import (
     single_key,
     train_combiner,
 )
-from polyclip.features.cache import FeatureCache, describe, encode_images, feature_key
+from polyclip.features.cache import FeatureCache
 from polyclip.reports.plots import line_plot
-from polyclip.reports.tables import markdown_table
 
 BACKBONES = ["efficientnet_lite:0", "efficientnet_lite:1", "efficientnet_lite:2"]
 SHOTS = [1, 4, 10]
@@ -121,7 +118,7 @@ def _grid(train: dict[str, np.ndarray], y: np.ndarray, val: dict[str, np.ndarray
     return trials
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -138,18 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--select-seeds", type=int, nargs="+", default=None,
                         help="seeds whose validation runs the option grid (default: every seed); the others "
                              "reuse the choice of the first such seed at the same k")
-    args = parser.parse_args(argv)
-    print(f"command: {command_line()}", flush=True)
-    setup_logging()
-    torch.set_num_threads(1)
-    if not args.no_ray:
-        init_ray()
-    out = out_dir("ensemble_accuracy")
-    started = time.perf_counter()
-    load_start = os.getloadavg()
-    dataset = load_dataset("fashion_mnist")
+    return parser.parse_args(argv)
+
+
+def evaluation_pools(dataset: Dataset, args: argparse.Namespace) -> tuple[dict[int, Split], np.ndarray, np.ndarray,
+                                                                          np.ndarray]:
+    """The seeds' splits, the union of their labeled images, the validation and the test indices."""
     assert dataset.test is not None
-    cache = FeatureCache(args.cache_dir)
     # Same splits as probe_accuracy (so its feature cache is reused).
     splits = {seed: make_split(dataset.train.labels, dataset.class_names, labels_per_class=max(SHOTS), seed=seed,
                                val_per_class=0, test_labels=dataset.test.labels) for seed in args.seeds}
@@ -159,47 +151,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.test_limit is not None and args.test_limit < len(test_idx):
         test_idx = _val_indices(dataset.test.labels, np.empty(0, np.int64), args.test_limit // dataset.num_classes,
                                 seed=2000)
+    return splits, labeled_union, val_idx, test_idx
+
+
+def encode_pools(cache: FeatureCache, dataset: Dataset, args: argparse.Namespace, labeled_union: np.ndarray,
+                 val_idx: np.ndarray, test_idx: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Features of every backbone: ``{"train" | "val" | "test": {spec: array}}``."""
+    assert dataset.test is not None
     feats: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}, "test": {}}
     full_test = np.arange(len(dataset.test))
 
-    def pool_features(cache: FeatureCache, dataset: Dataset, spec: str, size: int, pool: str, indices: np.ndarray,
-                      workers: int) -> np.ndarray:
-        if not args.no_ray:
-            return ray_pool_features(cache, dataset, spec, size, pool, indices, workers=workers)
-        backbone = create_backbone(spec, image_size=size)
-        key = feature_key(spec, backbone.preprocessing.key(), dataset.fingerprint, pool, indices)
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
-        source = dataset.test if pool == "test" else dataset.train
-        assert source is not None
-        t0 = time.perf_counter()
-        features = encode_images(backbone, source.images[indices], batch_size=100)
-        cache.put(key, features, describe(spec, size, dataset.spec, pool, len(indices)))
-        print(f"encoded {spec} {pool} ({len(indices)} images) in-process in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        return features
+    def features(spec: str, pool: str, indices: np.ndarray) -> np.ndarray:
+        return pool_features(cache, dataset, spec, args.image_size, pool, indices, workers=args.workers,
+                             use_ray=not args.no_ray)
 
     for spec in BACKBONES:
-        feats["val"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", val_idx,
-                                           workers=args.workers)
-        feats["train"][spec] = pool_features(cache, dataset, spec, args.image_size, "train", labeled_union,
-                                             workers=args.workers)
+        feats["val"][spec] = features(spec, "train", val_idx)
+        feats["train"][spec] = features(spec, "train", labeled_union)
         # The test set (or a subset, sliced) comes from a cached full-test-set entry when there is
         # one, e.g. written by probe_accuracy; --wait-full-test waits for a concurrent producer.
-        key = feature_key(spec, create_backbone(spec, image_size=args.image_size).preprocessing.key(),
-                          dataset.fingerprint, "test", full_test)
+        key = feature_cache_key(spec, args.image_size, dataset, "test", full_test)
         waited_until = time.perf_counter() + args.wait_full_test
         full = cache.get(key)
         while full is None and time.perf_counter() < waited_until:
             time.sleep(20)
             full = cache.get(key)
-        feats["test"][spec] = full[test_idx] if full is not None else pool_features(
-            cache, dataset, spec, args.image_size, "test", test_idx, workers=args.workers)
-    y_val, y_test = dataset.train.labels[val_idx], dataset.test.labels[test_idx]
-    position = {idx: i for i, idx in enumerate(labeled_union)}
-    t_features = time.perf_counter()
+        feats["test"][spec] = full[test_idx] if full is not None else features(spec, "test", test_idx)
+    return feats
 
+
+def test_accuracies(train: dict[str, np.ndarray], y: np.ndarray, feats: dict[str, dict[str, np.ndarray]],
+                    y_val: np.ndarray, y_test: np.ndarray, class_names: list[str], paper: dict[str, Any],
+                    best: dict[str, Any], seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Test accuracy of every method, and the cascade's figures (selected options, threshold from validation)."""
+    test_acc: dict[str, float] = {}
+    for label, opts in (("adaptive_paper", paper), ("adaptive_selected", best)):
+        selected_run = label == "adaptive_selected"
+        _, res = fit_ensemble(train, y, feats["test"], y_test, class_names=class_names,
+                              features_val=feats["val"] if selected_run else None,
+                              y_val=y_val if selected_run else None,
+                              protocol=ProtocolOptions(opts["protocol"]), combine=opts["combine"],
+                              feature_norm=opts["feature_norm"], steps=opts["steps"],
+                              cascade=CascadeOptions(enabled=selected_run),
+                              seed=seed)
+        evaluation: dict[str, Any] = res["evaluation"]  # type: ignore[assignment]
+        test_acc[label] = evaluation["accuracy"]["adaptive"]
+        if label == "adaptive_paper":
+            baselines = {m: v for m, v in evaluation["accuracy"].items() if m != "adaptive"}
+            # Singles and averages depend on the probes, i.e. on the protocol: report them
+            # with every label used for the probes (the "shared" probes), the fair baseline.
+            if opts["protocol"] != "shared":
+                _, shared = fit_ensemble(train, y, feats["test"], y_test, class_names=class_names,
+                                         protocol=ProtocolOptions("shared"), steps=1,
+                                         cascade=CascadeOptions(enabled=False), seed=seed)
+                baselines = {m: v for m, v in shared["evaluation"]["accuracy"].items()  # type: ignore[index]
+                             if m != "adaptive"}
+            test_acc.update(baselines)
+        else:
+            # fit_ensemble picks the threshold on the validation curve; chosen_test is its test point.
+            summary_c: dict[str, Any] = res["cascade"]  # type: ignore[assignment]
+            at = summary_c["chosen_test"]
+            cascade = {"threshold_from_val": summary_c["chosen"]["threshold"],
+                       "test_mean_calls": at["mean_calls"],
+                       "test_accuracy": at["accuracy"], "test_full_accuracy": test_acc[label],
+                       "test_drop_points": 100 * (test_acc[label] - at["accuracy"]),
+                       "calls_saved_fraction": 1 - at["mean_calls"] / len(BACKBONES),
+                       "test_curve": res["cascade"]["curve"]}  # type: ignore[index]
+    return test_acc, cascade
+
+
+def run_all(dataset: Dataset, splits: dict[int, Split], labeled_union: np.ndarray,
+            feats: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, y_test: np.ndarray,
+            args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One run per (seed, labels per class): the option grid on validation, then every method on test."""
+    position = {idx: i for i, idx in enumerate(labeled_union)}
     runs: list[dict[str, Any]] = []
     selected: dict[int, dict[str, Any]] = {}
     for seed, split in splits.items():
@@ -217,38 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 trials, best = [], selected[k]
             paper = {**PAPER, "protocol": "split" if k >= 2 else "shared"}
-            test_acc: dict[str, float] = {}
-            for label, opts in (("adaptive_paper", paper), ("adaptive_selected", best)):
-                selected_run = label == "adaptive_selected"
-                _, res = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
-                                      features_val=feats["val"] if selected_run else None,
-                                      y_val=y_val if selected_run else None,
-                                      protocol=ProtocolOptions(opts["protocol"]), combine=opts["combine"],
-                                      feature_norm=opts["feature_norm"], steps=opts["steps"],
-                                      cascade=CascadeOptions(enabled=selected_run), seed=seed)
-                evaluation: dict[str, Any] = res["evaluation"]  # type: ignore[assignment]
-                test_acc[label] = evaluation["accuracy"]["adaptive"]
-                if label == "adaptive_paper":
-                    baselines = {m: v for m, v in evaluation["accuracy"].items() if m != "adaptive"}
-                    # Singles and averages depend on the probes, i.e. on the protocol: report them
-                    # with every label used for the probes (the "shared" probes), the fair baseline.
-                    if opts["protocol"] != "shared":
-                        _, shared = fit_ensemble(train, y, feats["test"], y_test, class_names=dataset.class_names,
-                                                 protocol=ProtocolOptions("shared"), steps=1,
-                                                 cascade=CascadeOptions(enabled=False), seed=seed)
-                        baselines = {m: v for m, v in shared["evaluation"]["accuracy"].items()  # type: ignore[index]
-                                     if m != "adaptive"}
-                    test_acc.update(baselines)
-                else:
-                    # fit_ensemble picks the threshold on the validation curve; chosen_test is its test point.
-                    summary_c: dict[str, Any] = res["cascade"]  # type: ignore[assignment]
-                    at = summary_c["chosen_test"]
-                    cascade = {"threshold_from_val": summary_c["chosen"]["threshold"],
-                               "test_mean_calls": at["mean_calls"],
-                               "test_accuracy": at["accuracy"], "test_full_accuracy": test_acc[label],
-                               "test_drop_points": 100 * (test_acc[label] - at["accuracy"]),
-                               "calls_saved_fraction": 1 - at["mean_calls"] / len(BACKBONES),
-                               "test_curve": res["cascade"]["curve"]}  # type: ignore[index]
+            test_acc, cascade = test_accuracies(train, y, feats, y_val, y_test, dataset.class_names, paper, best,
+                                                seed)
             best_single = max(test_acc[single_key(b)] for b in BACKBONES)
             runs.append({"seed": seed, "labels_per_class": k, "test": test_acc, "selected": best,
                          "gain_selected_over_best_single_points": 100 * (test_acc["adaptive_selected"] - best_single),
@@ -257,7 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"seed {seed} k={k}: " + ", ".join(f"{m}={test_acc[m]:.4f}" for m in METHODS)
                   + f"; selected {best}; cascade {cascade['test_mean_calls']:.2f} calls, "
                     f"drop {cascade['test_drop_points']:.2f} pt", flush=True)
+    return runs
 
+
+def summarise(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                   dict[str, tuple[list[int], list[float]]]]:
+    """Per labels-per-class: the accuracy rows, the cascade rows and the accuracy curves."""
     rows: list[dict[str, Any]] = []
     cascade_rows: list[dict[str, Any]] = []
     curves: dict[str, tuple[list[int], list[float]]] = {}
@@ -282,36 +282,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         })
         for m in METHODS:
             curves.setdefault(m, (SHOTS, []))[1].append(float(np.mean([r["test"][m] for r in mine])))
+    return rows, cascade_rows, curves
+
+
+def write_report(out: Path, command: str, args: argparse.Namespace, runs: list[dict[str, Any]], n_val: int,
+                 n_test: int, seconds: dict[str, float], load_start: tuple[float, float, float]
+                 ) -> tuple[dict[str, Any], str]:
+    """``results.{json,md}`` and the two plots; returns the report and its markdown."""
+    rows, cascade_rows, curves = summarise(runs)
     selections = [{"seed": r["seed"], "labels_per_class": r["labels_per_class"],
                    **{g: r["selected"][g] for g in GRID}, "val_adaptive": r["selected"]["val_adaptive"],
                    "val_logit_average": r["selected"]["val_logit_average"]} for r in runs]
     load_end = os.getloadavg()
-    report = {"command": command_line(), "test_images": len(test_idx), "val_images": len(val_idx),
-              "image_size": args.image_size, "seeds": args.seeds, "grid": GRID, "paper_defaults": PAPER,
-              "rows": rows, "cascade": cascade_rows, "runs": runs,
-              "seconds": {"features": round(t_features - started, 1), "total": round(time.perf_counter() - started, 1)},
-              "loadavg_start": load_start, "loadavg_end": load_end}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    md = "\n".join([
-        "# Adaptive ensemble on Fashion-MNIST (EfficientNet-Lite 0/1/2 at 112 px)\n",
-        f"Command: `{report['command']}`\n",
-        f"Test: {len(test_idx)} images of the Fashion-MNIST test set"
+    notes = [
+        f"Test: {n_test} images of the Fashion-MNIST test set"
         f"{' (class-stratified subset)' if args.test_limit else ' (the full set)'}. "
         "Validation (option selection, cascade threshold): "
-        f"{len(val_idx)} train-pool images no seed labels. Seeds {args.seeds}; mean ± std over seeds.",
+        f"{n_val} train-pool images no seed labels. Seeds {args.seeds}; mean ± std over seeds.",
         f"Load average (1/5/15 min) at start {load_start}, at end {load_end} on 2 shared cores; "
-        f"{report['seconds']['total']} s in all.\n",
+        f"{seconds['total']} s in all.\n",
         "Singles and averages use probes fitted on every label (the shared protocol). `adaptive_paper`: "
         "split (90/10) / divide / l2 / 500 Adam steps at lr 2e-4 (shared at 1 label per class). "
         "`adaptive_selected`: the best of the grid on validation "
         f"({', '.join(f'{g} in {v}' for g, v in GRID.items())}, then the best with {LONG_STEPS} steps), "
         f"run on the validation set of seeds {args.select_seeds or args.seeds}.\n",
-        markdown_table(rows),
-        "\n## Options selected on validation\n", markdown_table(selections),
-        "\n## Cascade (selected options; threshold chosen on validation within 0.5 pt there; measured on test)\n",
-        markdown_table(cascade_rows),
-    ])
-    (out / "results.md").write_text(md + "\n")
+    ]
+    extra = {"test_images": n_test, "val_images": n_val, "image_size": args.image_size, "seeds": args.seeds,
+             "grid": GRID, "paper_defaults": PAPER, "cascade": cascade_rows, "runs": runs, "seconds": seconds,
+             "loadavg_start": load_start, "loadavg_end": load_end}
+    md = write_results(out, command, rows, extra=extra,
+                       title="Adaptive ensemble on Fashion-MNIST (EfficientNet-Lite 0/1/2 at 112 px)",
+                       blocks=[*notes, rows, "\n## Options selected on validation\n", selections,
+                               "\n## Cascade (selected options; threshold chosen on validation within 0.5 pt there; "
+                               "measured on test)\n", cascade_rows])
     line_plot(curves, out / "ensemble_accuracy.png", "Fashion-MNIST test accuracy (mean of seeds)",
               "labels per class", "test accuracy")
     cascade_curves = {f"k={r['labels_per_class']} seed {r['seed']}": (
@@ -319,6 +322,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in runs}
     line_plot(cascade_curves, out / "cascade.png", "Cascade: test accuracy vs backbone calls",
               "mean backbone calls per image", "test accuracy")
+    return {"command": command, "rows": rows, **extra}, md
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.ensemble_accuracy")
+    setup_logging()
+    torch.set_num_threads(1)
+    if not args.no_ray:
+        init_ray()
+    out = out_dir("ensemble_accuracy")
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    dataset = load_dataset("fashion_mnist")
+    assert dataset.test is not None
+    splits, labeled_union, val_idx, test_idx = evaluation_pools(dataset, args)
+    feats = encode_pools(FeatureCache(args.cache_dir), dataset, args, labeled_union, val_idx, test_idx)
+    y_val, y_test = dataset.train.labels[val_idx], dataset.test.labels[test_idx]
+    t_features = time.perf_counter()
+    runs = run_all(dataset, splits, labeled_union, feats, y_val, y_test, args)
+    seconds = {"features": round(t_features - started, 1), "total": round(time.perf_counter() - started, 1)}
+    report, md = write_report(out, command, args, runs, len(val_idx), len(test_idx), seconds, load_start)
     print(md)
     return report
 

@@ -26,15 +26,13 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from jobs import train
-from jobs.benchmarks.common import out_dir
+from jobs.benchmarks.common import announce, out_dir, write_results
 from jobs.config import load_config
 from jobs.worker_faults import WorkerKiller, start_local_ray
 from polyclip.reports.plots import line_plot
@@ -69,7 +67,7 @@ def run(name: str, overrides: list[str], kills: int, rng: random.Random) -> dict
             "run_dir": str(cfg.run_dir)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
@@ -77,19 +75,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", default="fashion_mnist", help="data.dataset of the runs")
     parser.add_argument("--test-limit", type=int, default=2000)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.fault_injection", *(sys.argv[1:] if argv is None else argv)])
     if args.kills < 1 or args.epochs <= args.kills:
         parser.error(f"need --kills >= 1 and --epochs > --kills (got {args.kills}, {args.epochs})")
-    print(f"$ {command}", flush=True)
-    out = out_dir("fault_injection")
-    overrides = [f"train.epochs={args.epochs}", f"run.max_failures={args.kills}", f"data.dataset={args.dataset}",
-                 f"data.test_limit={args.test_limit}",
-                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
-    start_local_ray(2)
+    return args
 
-    faulty = run("killed", overrides, args.kills, random.Random(args.seed))
-    clean = run("clean", overrides, 0, random.Random(args.seed))
 
+def compare_runs(faulty: dict[str, Any], clean: dict[str, Any], args: argparse.Namespace
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Per kill: where it struck and what it cost; the killed vs clean summary; the report's figures."""
     kills = faulty["kills"]
     resumes = faulty["resumes"]
     # Registered by Ray but not resumed from (lost), and written by the worker but not resumed from (redone).
@@ -102,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "epochs_written": k.written_epochs, "resumed_from_epoch": resumes[i] if i < len(resumes) else None,
              "reported_epochs_lost": lost[i] if i < len(lost) else None,
              "finished_epochs_redone": redone[i] if i < len(redone) else None} for i, k in enumerate(kills)]
-    report = {
-        "command": command, "epochs": args.epochs, "seed": args.seed,
+    figures = {
+        "epochs": args.epochs, "seed": args.seed,
         "kills": len(kills), "resumes": len(resumes), "resumed_from_epochs": resumes,
         "reported_epochs_lost": sum(lost), "finished_epochs_redone": sum(redone),
         "epochs_in_history": [h["epoch"] for h in hist_f],
@@ -111,35 +104,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test_top1": {"killed": faulty["metrics"]["test"]["top1"], "clean": clean["metrics"]["test"]["top1"]},
         "wall_seconds": {"killed": faulty["wall_seconds"], "clean": clean["wall_seconds"]},
         "load_1min": {"killed": faulty["load_1min"], "clean": clean["load_1min"]},
-        "per_kill": rows,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
     summary_rows = [
         {"run": "killed", "kills": len(kills), "resumes": len(resumes), "reported epochs lost": sum(lost),
          "finished epochs redone": sum(redone),
-         "test top1": report["test_top1"]["killed"], "wall s": faulty["wall_seconds"], "load": faulty["load_1min"]},
+         "test top1": figures["test_top1"]["killed"], "wall s": faulty["wall_seconds"], "load": faulty["load_1min"]},
         {"run": "clean", "kills": 0, "resumes": 0, "reported epochs lost": 0, "finished epochs redone": 0,
-         "test top1": report["test_top1"]["clean"], "wall s": clean["wall_seconds"], "load": clean["load_1min"]},
+         "test top1": figures["test_top1"]["clean"], "wall s": clean["wall_seconds"], "load": clean["load_1min"]},
     ]
-    md = "\n".join([
-        "# Fault injection: SIGKILL of the Ray Train worker in the middle of epochs", "",
-        f"`{command}`", "",
+    return rows, summary_rows, figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.fault_injection")
+    out = out_dir("fault_injection")
+    overrides = [f"train.epochs={args.epochs}", f"run.max_failures={args.kills}", f"data.dataset={args.dataset}",
+                 f"data.test_limit={args.test_limit}",
+                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+    start_local_ray(2)
+    faulty = run("killed", overrides, args.kills, random.Random(args.seed))
+    clean = run("clean", overrides, 0, random.Random(args.seed))
+    rows, summary_rows, figures = compare_runs(faulty, clean, args)
+    in_history, differing = figures["epochs_in_history"], figures["epochs_differing_from_clean_run"]
+    md = write_results(out, command, rows, title="Fault injection: SIGKILL of the Ray Train worker in the middle of "
+                       "epochs", extra=figures, floatfmt=".2f", blocks=[
         f"`{CONFIG}` on {args.dataset} with {args.epochs} epochs, `run.max_failures={args.kills}`, one worker, "
         f"local Ray with 2 CPUs shared with other jobs (1-min load average at the start of each run in the table). "
         f"Each kill: SIGKILL of the `ray::RayTrainWorker` process 0.1-0.9 of an epoch after Ray Train registered "
-        f"a new checkpoint.", "",
-        markdown_table(summary_rows, floatfmt=".3f"), "",
-        markdown_table(rows, floatfmt=".2f"), "",
-        f"Epochs in the killed run's history: {report['epochs_in_history']} (each exactly once: "
-        f"{report['epochs_in_history'] == list(range(1, args.epochs + 1))}). Epochs whose train/val loss or val "
-        f"accuracy differ from the clean run: {differing or 'none'}.", "",
-    ])
-    (out / "results.md").write_text(md)
+        f"a new checkpoint.\n",
+        markdown_table(summary_rows, floatfmt=".3f"), rows,
+        f"Epochs in the killed run's history: {in_history} (each exactly once: "
+        f"{in_history == list(range(1, args.epochs + 1))}). Epochs whose train/val loss or val "
+        f"accuracy differ from the clean run: {differing or 'none'}.\n"])
+    hist_f, hist_c = faulty["metrics"]["history"], clean["metrics"]["history"]
     line_plot({name: ([h["epoch"] for h in hist], [h.get("val_acc", float("nan")) for h in hist])
                for name, hist in (("killed", hist_f), ("clean", hist_c))},
-              out / "val_acc.png", f"Validation accuracy, {len(kills)} kills vs none", "epoch", "val acc")
+              out / "val_acc.png", f"Validation accuracy, {figures['kills']} kills vs none", "epoch", "val acc")
     print(md)
-    return report
+    return {"command": command, "rows": rows, **figures}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Usage::
     python -m jobs.benchmarks.feature_store [--images 2000] [--image-size 112] [--repeats 3] [--workers 2]
         [--parts encode cache]
 
-Writes ``runs/benchmarks/feature_store/results.json``.
+Writes ``runs/benchmarks/feature_store/results.{json,md}``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.benchmarks.common import command_line, median, out_dir
+from jobs.benchmarks.common import announce, median, out_dir, write_results
 from jobs.runtime import init_ray, setup_logging
 from polyclip.data.datasets import load_dataset
 from polyclip.features import FeatureCache, FeatureStore
@@ -82,7 +82,7 @@ def old_actor_path(images: np.ndarray, image_size: int, workers: int, chunk: int
     return np.concatenate([results[s] for s in starts])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=112)
@@ -92,18 +92,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--store", default=None, help="store root (default: a temporary folder)")
     parser.add_argument("--parts", nargs="+", choices=["encode", "cache"], default=["encode", "cache"],
                         help="measure encoding throughput, cache hit vs miss, or both")
-    args = parser.parse_args(argv)
-    setup_logging()
-    init_ray()
-    from jobs.features import cached_features, encode_dataset, images_dataset
+    return parser.parse_args(argv)
 
-    dataset = load_dataset("fashion_mnist")
-    images = np.ascontiguousarray(dataset.train.images[: args.images])
-    n = len(images)
-    root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="feature_store_bench_"))
-    timings: dict[str, list[float]] = {"old_actor_path": [], "ray_data_path": [], "cache_hit": []}
+
+def time_encoding(images: np.ndarray, root: Path, args: argparse.Namespace
+                  ) -> tuple[dict[str, list[float]], float]:
+    """Seconds of the old actor path and of the Ray Data path per repeat; their largest feature difference."""
+    from jobs.features import encode_dataset, images_dataset
+
+    timings: dict[str, list[float]] = {"old_actor_path": [], "ray_data_path": []}
     reference, max_diff = None, float("nan")
-    for repeat in range(args.repeats if "encode" in args.parts else 0):
+    for repeat in range(args.repeats):
         t0 = time.perf_counter()
         old = old_actor_path(images, args.image_size, args.workers)
         timings["old_actor_path"].append(time.perf_counter() - t0)
@@ -112,35 +111,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store = FeatureStore(root / f"encode-{repeat}")
         t0 = time.perf_counter()
         entry = encode_dataset(images_dataset(images), SPEC, args.image_size, store, "bench", use_gpu=False,
-                               batch_size=args.batch_size, concurrency=args.workers, num_rows=n)
+                               batch_size=args.batch_size, concurrency=args.workers, num_rows=len(images))
         timings["ray_data_path"].append(time.perf_counter() - t0)
         max_diff = float(np.abs(entry.to_numpy() - reference).max())
         print(f"repeat {repeat}: old actor path {timings['old_actor_path'][-1]:.1f} s, "
-              f"Ray Data path {timings['ray_data_path'][-1]:.1f} s for {n} images", flush=True)
+              f"Ray Data path {timings['ray_data_path'][-1]:.1f} s for {len(images)} images", flush=True)
+    return timings, max_diff
+
+
+def time_cache(dataset: Any, images: np.ndarray, root: Path, args: argparse.Namespace) -> tuple[float, list[float]]:
+    """``cached_features`` once on a miss, then ``--repeats`` hits: the miss's and the hits' seconds."""
+    from jobs.features import cached_features
 
     stats: dict[str, Any] = {SPEC: [{"seconds": float("nan")}]}
     cache = FeatureCache(root / "cache")
-    indices = np.arange(n)
-    for _ in range(1 + args.repeats if "cache" in args.parts else 0):  # one miss, then hits
+    indices = np.arange(len(images))
+    for _ in range(1 + args.repeats):  # one miss, then hits
         cached_features(cache, SPEC, args.image_size, dataset.fingerprint, dataset.spec, "train", indices, images,
                         num_workers=args.workers, stats=stats)
     calls = stats[SPEC][-(1 + args.repeats):]
-    miss_s = calls[0]["seconds"]
-    timings["cache_hit"] = [c["seconds"] for c in calls[1:]]
+    return calls[0]["seconds"], [c["seconds"] for c in calls[1:]]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.feature_store")
+    setup_logging()
+    init_ray()
+    dataset = load_dataset("fashion_mnist")
+    images = np.ascontiguousarray(dataset.train.images[: args.images])
+    n = len(images)
+    root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="feature_store_bench_"))
+    timings: dict[str, list[float]] = {"old_actor_path": [], "ray_data_path": [], "cache_hit": []}
+    max_diff, miss_s = float("nan"), float("nan")
+    if "encode" in args.parts:
+        encoded, max_diff = time_encoding(images, root, args)
+        timings.update(encoded)
+    if "cache" in args.parts:
+        miss_s, timings["cache_hit"] = time_cache(dataset, images, root, args)
     old_s, new_s, hit_s = (median(timings[k] or [float("nan")]) for k in ("old_actor_path", "ray_data_path",
                                                                           "cache_hit"))
     results = {
-        "command": command_line(), "backbone": SPEC, "image_size": args.image_size, "images": n,
+        "backbone": SPEC, "image_size": args.image_size, "images": n,
         "workers": args.workers, "repeats": args.repeats,
         "old_actor_path_images_per_s": round(n / old_s, 1), "ray_data_path_images_per_s": round(n / new_s, 1),
         "ray_data_vs_old": round(old_s / new_s, 3),
         "cache_miss_s": miss_s, "cache_hit_s": round(hit_s, 3), "hit_over_miss": round(hit_s / miss_s, 4),
         "max_abs_diff_vs_old_path": max_diff, "seconds": {k: [round(v, 3) for v in vs] for k, vs in timings.items()},
     }
-    path = out_dir("feature_store") / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    rows = [{"path": "old actor path (encode)", "median_s": old_s,
+             "images_per_s": results["old_actor_path_images_per_s"]},
+            {"path": "Ray Data into the store (encode)", "median_s": new_s,
+             "images_per_s": results["ray_data_path_images_per_s"]},
+            {"path": "cache miss", "median_s": miss_s, "images_per_s": round(n / miss_s, 1)},
+            {"path": "cache hit", "median_s": hit_s, "images_per_s": round(n / hit_s, 1)}]
+    write_results(out_dir("feature_store"), command, rows, title=f"Feature store: {n} images, {SPEC}", extra=results)
     print(json.dumps(results, indent=2))
-    return results
+    return {"command": command, "rows": rows, **results}
 
 
 if __name__ == "__main__":

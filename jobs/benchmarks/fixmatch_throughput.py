@@ -17,14 +17,14 @@ labeled images. Reported: images/s by that count, and model forward passes per s
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from jobs.benchmarks.common import announce, out_dir, write_results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,20 +54,13 @@ def time_steps(task: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int
     return time.perf_counter() - tic
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    given = argv if argv is not None else sys.argv[1:]
-    print("command: python -m jobs.benchmarks.fixmatch_throughput " + " ".join(shlex.quote(a) for a in given),
-          flush=True)
+def make_tasks(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor], int]:
+    """FixMatch and the supervised baseline of the semi configs on one encoder, a random batch, the image size."""
+    from polyclip.augment.fixmatch import fixmatch_weak
     from polyclip.backbones import create_backbone
-    from polyclip.io import atomic_write_json, atomic_write_text
     from polyclip.methods.fixmatch import FixMatchTask
     from polyclip.methods.pseudo_label import PseudoLabelTask
-    from polyclip.reports.plots import bar_chart
-    from polyclip.reports.tables import markdown_table
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     in_chans = 1 if args.backbone.startswith(("random:", "pixels")) else None
     backbone = create_backbone(args.backbone, in_chans=in_chans)
     size = backbone.preprocessing.image_size
@@ -77,15 +70,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = {"x": torch.randint(0, 256, (b, chans, size, size), dtype=torch.uint8, generator=g),
              "y": torch.randint(0, 10, (b,), generator=g),
              "u_x": torch.randint(0, 256, (m, chans, size, size), dtype=torch.uint8, generator=g)}
-    supervised_batch = {"x": batch["x"], "y": batch["y"]}
     fixmatch = FixMatchTask(backbone, 10)
     # The supervised baseline of the semi configs: same encoder copy, weak augmentation, EMA.
-    from polyclip.augment.fixmatch import fixmatch_weak
-
     supervised = PseudoLabelTask(create_backbone(args.backbone, in_chans=in_chans), 10, augment=fixmatch_weak(),
                                  pseudo_labels=False)
     supervised.load_state_dict(
         {k: v for k, v in fixmatch.state_dict().items() if k.startswith(("model.", "ema."))}, strict=False)
+    return fixmatch, supervised, batch, size
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.fixmatch_throughput")
+    from polyclip.reports.plots import bar_chart
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fixmatch, supervised, batch, size = make_tasks(args)
+    supervised_batch = {"x": batch["x"], "y": batch["y"]}
+    b, m = args.batch, args.mu * args.batch
     time_steps(fixmatch, batch, 1)  # warm-up
     time_steps(supervised, supervised_batch, 1)
     fm_rates, sup_rates = [], []
@@ -99,25 +102,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"step": "supervised", "images_per_step": b, "forward_images_per_step": b,
          "images_per_s": sup, "forward_images_per_s": sup, "steps_per_s": sup / b},
     ]
-    result = {"backbone": args.backbone, "image_size": size, "batch": b, "mu": args.mu, "threads": args.threads,
-              "repeats": args.repeats, "steps_per_repeat": args.steps, "rows": rows,
-              "fixmatch_images_per_s_all": fm_rates, "supervised_images_per_s_all": sup_rates,
-              "ratio_images_per_s_fixmatch_over_supervised": fm / sup,
-              "ratio_steps_per_s_fixmatch_over_supervised": (fm / (b + m)) / (sup / b)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result)
-    table = markdown_table(rows)
-    text = (f"# FixMatch vs supervised step throughput\n\n`{args.backbone}` at {size} px, B={b}, mu={args.mu}, "
-            f"{args.threads} thread(s), median of {args.repeats} repeats x {args.steps} steps (CPU shared with "
-            f"other jobs).\n\n{table}\n\nFixMatch / supervised images/s: "
-            f"{result['ratio_images_per_s_fixmatch_over_supervised']:.3f}; steps/s: "
-            f"{result['ratio_steps_per_s_fixmatch_over_supervised']:.3f}\n")
-    atomic_write_text(out / "results.md", text)
+    extra = {"backbone": args.backbone, "image_size": size, "batch": b, "mu": args.mu, "threads": args.threads,
+             "repeats": args.repeats, "steps_per_repeat": args.steps,
+             "fixmatch_images_per_s_all": fm_rates, "supervised_images_per_s_all": sup_rates,
+             "ratio_images_per_s_fixmatch_over_supervised": fm / sup,
+             "ratio_steps_per_s_fixmatch_over_supervised": (fm / (b + m)) / (sup / b)}
+    out = out_dir(args.out)
+    text = write_results(out, command, rows, title="FixMatch vs supervised step throughput", extra=extra, blocks=[
+        f"`{args.backbone}` at {size} px, B={b}, mu={args.mu}, {args.threads} thread(s), median of {args.repeats} "
+        f"repeats x {args.steps} steps (CPU shared with other jobs).\n", rows,
+        f"FixMatch / supervised images/s: {extra['ratio_images_per_s_fixmatch_over_supervised']:.3f}; steps/s: "
+        f"{extra['ratio_steps_per_s_fixmatch_over_supervised']:.3f}\n"])
     bar_chart({"fixmatch (B + mu B)": fm, "supervised (B)": sup}, out / "throughput.png",
               "training images per second", "images/s")
     print(text)
-    return result
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

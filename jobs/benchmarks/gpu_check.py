@@ -51,11 +51,11 @@ import json
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from jobs.benchmarks.common import command_line
 from polyclip import distributed as pdist
 from polyclip.augment.fixmatch import fixmatch_strong, fixmatch_weak
 from polyclip.backbones.base import Backbone
@@ -448,6 +449,72 @@ def _print(kind: str, row: dict[str, Any]) -> None:
     print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def measured_or_skipped(row: dict[str, Any], why: str | None, deadline: float, budget_s: float,
+                        measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()``'s row, or ``row`` marked skipped: unsupported (``why``), past ``deadline``, out of memory."""
+    if why is not None:
+        return {**row, "skipped": why}
+    if time.perf_counter() > deadline:
+        return {**row, "skipped": f"time budget ({budget_s:g}s) spent"}
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {**row, "skipped": "out of device memory"}
+
+
+def fixmatch_rows(backbone: Backbone, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                  args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+    """FixMatch steps per labeled batch size, channels_last off/on and precision (skipped rows say why)."""
+    rows: list[dict[str, Any]] = []
+    for b in args.batch:
+        batch = make_batch(images, labels, b, args.mu, device)
+        # Precisions first, then channels_last: a spent budget cuts the least important rows.
+        for channels_last in (False, True):
+            for precision in args.precisions:
+                row: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
+                                       "labeled_batch": b, "images_per_step": b * (1 + args.mu)}
+                row = measured_or_skipped(
+                    row, unsupported(precision, device), deadline, args.budget_s,
+                    partial(bench_fixmatch, backbone, batch, device, precision, channels_last, args.steps,
+                            args.warmup, deadline))
+                rows.append(row)
+                _print("fixmatch", row)
+    return rows
+
+
+def method_rows(backbone: Backbone, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+    """One step of each method as the jobs build it, per precision (skipped rows say why)."""
+    rows: list[dict[str, Any]] = []
+    for method in args.methods:
+        for precision in args.precisions:
+            row: dict[str, Any] = {"method": method, "precision": precision}
+            why = unsupported(precision, device)
+            if why is None and precision == "fp16" and device.type != "cuda":
+                why = "fp16 autocast on CPU accumulates in half precision; fp16 is compared on GPUs only"
+            # At least 2 images: BatchNorm in training mode needs more than one value per channel.
+            row = measured_or_skipped(
+                row, why, deadline + args.budget_s * 0.25, args.budget_s,
+                partial(bench_method, method, backbone, images, labels, max(2, min(args.batch)), args.mu, device,
+                        precision, max(1, args.steps)))
+            rows.append(row)
+            _print("method", row)
+    return rows
+
+
+def augment_rows(backbone: Backbone, images: np.ndarray, device: torch.device, aug_batch: int
+                 ) -> list[dict[str, Any]]:
+    """Augmentation throughput on the device; on CUDA also the CPU's figure, on fewer images."""
+    unit = backbone.to_unit(torch.from_numpy(images[:aug_batch]))
+    rows = [bench_augment(unit, device)]
+    if device.type == "cuda":
+        rows.append(bench_augment(unit[:min(aug_batch, 64)], torch.device("cpu"), reps=1))
+    for row in rows:
+        _print("augment", row)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every check and measurement; the JSON summary."""
     start = time.perf_counter()
@@ -459,8 +526,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = start + args.budget_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     result: dict[str, Any] = {
-        "command": "python -m jobs.benchmarks.gpu_check " + shlex.join(sys.argv[1:] if args.argv is None
-                                                                     else args.argv),
+        "command": command_line(args.argv, "jobs.benchmarks.gpu_check"),
         "device": str(device), "device_name": name, "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "image_size": args.image_size, "mu": args.mu,
@@ -471,77 +537,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     largest = max(args.batch) * (1 + args.mu)
     images, labels, data = load_images(args.data_root, max(largest, args.aug_batch))
     result.update({"backbone": spec, "data": data})
-
-    fixmatch: list[dict[str, Any]] = []
-    numerics: list[dict[str, Any]] = []
     with process_group(device) as backend:
         result["collectives"] = collectives = check_collectives(device)
         _print("collectives", {"backend": backend, "ok": collectives["ok"]})
         for check, value in collectives["checks"].items():
             _print(f"  {check}", value)
-        for b in args.batch:
-            batch = make_batch(images, labels, b, args.mu, device)
-            # Precisions first, then channels_last: a spent budget cuts the least important rows.
-            for channels_last in (False, True):
-                for precision in args.precisions:
-                    row: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
-                                           "labeled_batch": b, "images_per_step": b * (1 + args.mu)}
-                    why = unsupported(precision, device)
-                    if why is not None:
-                        row["skipped"] = why
-                    elif time.perf_counter() > deadline:
-                        row["skipped"] = f"time budget ({args.budget_s:g}s) spent"
-                    else:
-                        try:
-                            row = bench_fixmatch(backbone, batch, device, precision, channels_last, args.steps,
-                                                 args.warmup, deadline)
-                        except torch.cuda.OutOfMemoryError:
-                            row["skipped"] = "out of device memory"
-                            torch.cuda.empty_cache()
-                    fixmatch.append(row)
-                    _print("fixmatch", row)
+        fixmatch = fixmatch_rows(backbone, images, labels, device, args, deadline)
         # One step of each method as the jobs build it, fp32 vs bf16 (and fp16 where asked).
-        methods: list[dict[str, Any]] = []
-        for method in args.methods:
-            for precision in args.precisions:
-                mrow: dict[str, Any] = {"method": method, "precision": precision}
-                why = unsupported(precision, device)
-                if why is None and precision == "fp16" and device.type != "cuda":
-                    why = "fp16 autocast on CPU accumulates in half precision; fp16 is compared on GPUs only"
-                if why is not None:
-                    mrow["skipped"] = why
-                elif time.perf_counter() > deadline + args.budget_s * 0.25:
-                    mrow["skipped"] = f"time budget ({args.budget_s:g}s) spent"
-                else:
-                    try:
-                        # At least 2 images: BatchNorm in training mode needs more than one value per channel.
-                        mrow = bench_method(method, backbone, images, labels, max(2, min(args.batch)), args.mu, device,
-                                            precision, max(1, args.steps))
-                    except torch.cuda.OutOfMemoryError:
-                        mrow["skipped"] = "out of device memory"
-                        torch.cuda.empty_cache()
-                methods.append(mrow)
-                _print("method", mrow)
-        result["methods"] = methods
+        result["methods"] = per_method = method_rows(backbone, images, labels, device, args, deadline)
         small = make_batch(images, labels, min(args.batch), args.mu, device)
+        numerics: list[dict[str, Any]] = []
         for precision in args.precisions:
             if unsupported(precision, device) is None:
                 numerics.append(loss_vs_cpu(backbone, small, device, precision))
                 _print("loss vs cpu fp32", numerics[-1])
     result["fixmatch"], result["loss_vs_cpu"] = fixmatch, numerics
-
-    unit = backbone.to_unit(torch.from_numpy(images[:args.aug_batch]))
-    augment = [bench_augment(unit, device)]
-    if device.type == "cuda":  # the CPU's figure for comparison, on fewer images
-        augment.append(bench_augment(unit[:min(args.aug_batch, 64)], torch.device("cpu"), reps=1))
-    for row in augment:
-        _print("augment", row)
-    result["augment"] = augment
-
+    result["augment"] = augment = augment_rows(backbone, images, device, args.aug_batch)
     measured = [r for r in fixmatch if "skipped" not in r]
-    per_method = [r for r in result.get("methods", []) if "skipped" not in r]
+    stepped = [r for r in per_method if "skipped" not in r]
     result["ok"] = bool(collectives["ok"] and measured and all(r["loss_finite"] for r in measured)
-                        and all(r["loss_finite"] and r.get("loss_ok", True) for r in per_method)
+                        and all(r["loss_finite"] and r.get("loss_ok", True) for r in stepped)
                         and all(r["ok"] for r in numerics) and all(r["ok"] for r in augment))
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result

@@ -20,19 +20,15 @@ methods is measured side by side in alternating order.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import median, out_dir
+from jobs.benchmarks.common import announce, median, out_dir, write_results
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
-from polyclip.text import load_word_vectors
+from polyclip.text import DEFAULT_WORD_VECTORS, load_word_vectors
 from polyclip.text.lookup import CosineLookup
 
 
@@ -42,19 +38,47 @@ def naive_topk(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tenso
     return torch.argsort(scores, dim=1, descending=True)[:, :k]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--vocab", type=int, default=400_000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch thread counts to measure")
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.open_vocab_lookup",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}", flush=True)
+    return parser.parse_args(argv)
+
+
+def noisy_queries(kv: Any, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    """``batch`` vectors of frequent words, each moved by noise of 0.3 times its norm."""
+    words = rng.choice(20_000, size=batch, replace=False)
+    q = torch.from_numpy(np.asarray(kv.vectors[words], dtype=np.float32))
+    noise = torch.randn(q.shape, generator=torch.Generator().manual_seed(batch))
+    return q + 0.3 * q.norm(dim=1, keepdim=True) / np.sqrt(q.shape[1]) * noise
+
+
+def time_both(lookup: CosineLookup, q: torch.Tensor, k: int, repeats: int) -> tuple[list[float], list[float], float]:
+    """Seconds of the chunked and the naive top-k, alternating, after a warm-up round; and their top-1 agreement."""
+    fast_t: list[float] = []
+    naive_t: list[float] = []
+    for r in range(repeats + 1):  # the first round warms up and is dropped
+        order = [("fast", fast_t), ("naive", naive_t)] if r % 2 else [("naive", naive_t), ("fast", fast_t)]
+        for name, times in order:
+            tic = time.perf_counter()
+            found = lookup.topk(q, k)[1] if name == "fast" else naive_topk(q, lookup.vectors, k)
+            if r:
+                times.append(time.perf_counter() - tic)
+            if name == "fast":
+                fast_idx = found
+            else:
+                naive_idx = found
+    return fast_t, naive_t, float((fast_idx[:, 0] == naive_idx[:, 0]).float().mean())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.open_vocab_lookup")
     out = out_dir("open_vocab_lookup")
     t0 = time.perf_counter()
-    kv = load_word_vectors("glove-6b-50d")
+    kv = load_word_vectors(DEFAULT_WORD_VECTORS)
     lookup = CosineLookup.from_vocabulary(kv, n=args.vocab, words_only=False)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -63,24 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in (1, 256):
-            words = rng.choice(20_000, size=batch, replace=False)
-            q = torch.from_numpy(np.asarray(kv.vectors[words], dtype=np.float32))
-            q = q + 0.3 * q.norm(dim=1, keepdim=True) / np.sqrt(q.shape[1]) * torch.randn(q.shape,
-                                                                                            generator=torch.Generator().manual_seed(batch))
-            fast_t: list[float] = []
-            naive_t: list[float] = []
-            for r in range(args.repeats + 1):  # the first round warms up and is dropped
-                order = [("fast", fast_t), ("naive", naive_t)] if r % 2 else [("naive", naive_t), ("fast", fast_t)]
-                for name, times in order:
-                    tic = time.perf_counter()
-                    found = lookup.topk(q, args.k)[1] if name == "fast" else naive_topk(q, lookup.vectors, args.k)
-                    if r:
-                        times.append(time.perf_counter() - tic)
-                    if name == "fast":
-                        fast_idx = found
-                    else:
-                        naive_idx = found
-            agree = float((fast_idx[:, 0] == naive_idx[:, 0]).float().mean())
+            fast_t, naive_t, agree = time_both(lookup, noisy_queries(kv, batch, rng), args.k, args.repeats)
             rows.append({"threads": threads, "batch": batch, "vocabulary": len(lookup), "k": args.k,
                          "chunked_ms_per_image": 1000 * median(fast_t) / batch,
                          "naive_ms_per_image": 1000 * median(naive_t) / batch,
@@ -89,19 +96,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "repeats": args.repeats})
             print(rows[-1], flush=True)
     torch.set_num_threads(default_threads)
-    result = {"command": command, "vocabulary_build_s": round(build_s, 2), "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
     bar_chart({f"B={r['batch']}, {r['threads']} thr": r["chunked_ms_per_image"] for r in rows},
               out / "lookup_ms_per_image.png", f"Top-{args.k} look-up over {len(lookup):,} GloVe words",
               "ms per image (median)")
-    md = (f"# Open-vocabulary look-up, {len(lookup):,} words\n\nCommand: `{command}`\n\n"
-          f"Loading GloVe and building the unit matrix: {build_s:.1f} s. Times are medians of {args.repeats} "
-          "repeats after one warm-up, on a CPU shared with other jobs; chunked = polyclip's `CosineLookup.topk`, "
-          "naive = full score matrix + argsort, run alternately on the same queries.\n\n" + markdown_table(rows)
-          + "\n![look-up time](lookup_ms_per_image.png)\n")
-    (out / "results.md").write_text(md)
+    extra = {"vocabulary_build_s": round(build_s, 2)}
+    md = write_results(out, command, rows, title=f"Open-vocabulary look-up, {len(lookup):,} words", extra=extra,
+                       blocks=[
+        f"Loading GloVe and building the unit matrix: {build_s:.1f} s. Times are medians of {args.repeats} "
+        "repeats after one warm-up, on a CPU shared with other jobs; chunked = polyclip's `CosineLookup.topk`, "
+        "naive = full score matrix + argsort, run alternately on the same queries.\n", rows,
+        "![look-up time](lookup_ms_per_image.png)\n"])
     print(md)
-    return result
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import os
-import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.benchmarks.common import command_line, out_dir
+from jobs.benchmarks.common import announce, free_port, out_dir, write_results
 from polyclip.backbones import create_backbone
 from polyclip.data.datasets import load_dataset
 from polyclip.data.images import decode_image
@@ -46,7 +45,6 @@ from polyclip.data.splits import make_split
 from polyclip.ensemble import BackboneInfo, Ensemble, fit_ensemble, load_ensemble, save_ensemble
 from polyclip.features.cache import encode_images
 from polyclip.reports.plots import line_plot
-from polyclip.reports.tables import markdown_table
 
 BACKBONES = ["efficientnet_lite:0", "efficientnet_lite:1", "efficientnet_lite:2"]
 
@@ -55,12 +53,6 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fit_small_artifact(path: Path, image_size: int) -> Path:
@@ -107,8 +99,11 @@ def time_in_process(pipeline: InProcess, pngs: list[bytes], batch: int, max_seco
     return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
 
 
-async def load_test(url: str, pngs: list[bytes], clients: int, max_requests: int,
-                    max_seconds: float) -> dict[str, Any]:
+async def _drive(url: str, clients: int, max_requests: int, max_seconds: float,
+                 request: Callable[[int], dict[str, Any]], warmup: dict[str, Any] | None = None
+                 ) -> tuple[np.ndarray, dict[int, int], float]:
+    """``clients`` concurrent clients posting ``request(i)`` to ``/v1/classify`` until ``max_requests``
+    requests or ``max_seconds``; the latencies (ms), the count of each status and the seconds taken."""
     import httpx
 
     latencies: list[float] = []
@@ -122,19 +117,31 @@ async def load_test(url: str, pngs: list[bytes], clients: int, max_requests: int
             i = next_index
             next_index += 1
             t0 = time.perf_counter()
-            response = await client.post("/v1/classify", files={"file": ("x.png", pngs[i % len(pngs)], "image/png")})
+            response = await client.post("/v1/classify", **request(i))
             latencies.append(time.perf_counter() - t0)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
-        await client.post("/v1/classify", files={"file": ("x.png", pngs[0], "image/png")})  # warm-up
+        if warmup is not None:
+            await client.post("/v1/classify", **warmup)
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1e3
-    return {"clients": clients, "requests": len(latencies), "seconds": elapsed,
-            "requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+    return np.asarray(latencies) * 1e3, statuses, elapsed
+
+
+def _image(png: bytes) -> dict[str, Any]:
+    return {"files": {"file": ("x.png", png, "image/png")}}
+
+
+async def load_test(url: str, pngs: list[bytes], clients: int, max_requests: int,
+                    max_seconds: float) -> dict[str, Any]:
+    """Requests/s and latency percentiles of ``clients`` concurrent clients sending good images."""
+    lat, statuses, elapsed = await _drive(url, clients, max_requests, max_seconds,
+                                          lambda i: _image(pngs[i % len(pngs)]), warmup=_image(pngs[0]))
+    return {"clients": clients, "requests": len(lat), "seconds": elapsed,
+            "requests_per_s": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)), "statuses": statuses}
 
 
@@ -170,38 +177,18 @@ def ingress_peak_rss_mb(app: str) -> float | None:
 async def soak(url: str, pngs: list[bytes], clients: int, max_requests: int, max_seconds: float,
                bad_every: int = 4) -> dict[str, Any]:
     """``clients`` concurrent clients, one request in ``bad_every`` a hostile one; counts 5xx."""
-    import httpx
-
     bad = _bad_requests()
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    next_index = 0
-    deadline = time.perf_counter() + max_seconds
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal next_index
-        while next_index < max_requests and time.perf_counter() < deadline:
-            i = next_index
-            next_index += 1
-            kwargs = (bad[i // bad_every % len(bad)] if i % bad_every == 0
-                      else {"files": {"file": ("x.png", pngs[i % len(pngs)], "image/png")}})
-            t0 = time.perf_counter()
-            response = await client.post("/v1/classify", **kwargs)
-            latencies.append(time.perf_counter() - t0)
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+    def request(i: int) -> dict[str, Any]:
+        return bad[i // bad_every % len(bad)] if i % bad_every == 0 else _image(pngs[i % len(pngs)])
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1e3
-    return {"clients": clients, "requests": len(latencies), "seconds": round(elapsed, 1),
+    lat, statuses, elapsed = await _drive(url, clients, max_requests, max_seconds, request)
+    return {"clients": clients, "requests": len(lat), "seconds": round(elapsed, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "statuses": dict(sorted(statuses.items())), "5xx": sum(n for c, n in statuses.items() if c >= 500)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", default=None)
     parser.add_argument("--image-size", type=int, default=112)
@@ -218,18 +205,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--in-process-threads", type=int, default=1,
                         help="torch threads of the in-process reference (each encoder replica uses 1); on a "
                              "contended machine 2 OpenMP threads stall each other")
-    args = parser.parse_args(argv)
-    print(f"command: {command_line()}", flush=True)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    torch.set_num_threads(args.in_process_threads)
-    out = out_dir("serve_latency")
-    artifact = Path(args.artifact) if args.artifact else fit_small_artifact(out / "artifact", args.image_size)
-    ensemble = load_ensemble(artifact)
-    dataset = load_dataset("fashion_mnist")
-    assert dataset.test is not None
-    pngs = [_png(img[0]) for img in dataset.test.images[:max(args.requests, 64)]]
-    pipeline = InProcess(ensemble)
+    return parser.parse_args(argv)
 
+
+def level_row(mode: str, clients: int, url: str, pipeline: InProcess, pngs: list[bytes],
+              args: argparse.Namespace) -> dict[str, Any]:
+    """One client level: Serve over loopback HTTP, then the in-process pipeline at batch = clients."""
+    load_before = os.getloadavg()
+    served = asyncio.run(load_test(url, pngs, clients, args.requests, args.seconds))
+    local = time_in_process(pipeline, pngs[:args.requests], clients, args.seconds)
+    return {"mode": mode, "clients": clients, "serve_req_per_s": round(served["requests_per_s"], 2),
+            "p50_ms": round(served["p50_ms"], 1), "p99_ms": round(served["p99_ms"], 1),
+            "requests": served["requests"], "statuses": served["statuses"],
+            "in_process_img_per_s (batch = clients)": round(local["images_per_s"], 2),
+            "in_process_ms_per_batch": round(1e3 * local["seconds"] / max(1, local["images"]) * clients, 1),
+            "ratio serve / in-process": round(served["requests_per_s"] / local["images_per_s"], 3),
+            "loadavg_1m_before": round(load_before[0], 1)}
+
+
+def measure_serve(artifact: Path, pipeline: InProcess, pngs: list[bytes], args: argparse.Namespace
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every mode on a local Ray Serve: the client levels' rows and the soaks."""
     import ray
     from ray import serve
 
@@ -237,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from serve.app import AppArgs, build_app
 
     ray.init(num_cpus=2, runtime_env=project_runtime_env(), logging_level=logging.WARNING, include_dashboard=False)
-    port = _free_port()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows: list[dict[str, Any]] = []
     soaks: list[dict[str, Any]] = []
@@ -248,22 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "artifact": str(artifact), "deployment_mode": mode, "torch_threads": 1,
                 "batch_max_size": args.batch_max_size})), name="bench", route_prefix="/")
             for clients in args.clients:
-                load_before = os.getloadavg()
-                served = asyncio.run(load_test(f"http://127.0.0.1:{port}", pngs, clients, args.requests,
-                                               args.seconds))
-                local = time_in_process(pipeline, pngs[:args.requests], clients, args.seconds)
-                rows.append({"mode": mode, "clients": clients, "serve_req_per_s": round(served["requests_per_s"], 2),
-                             "p50_ms": round(served["p50_ms"], 1), "p99_ms": round(served["p99_ms"], 1),
-                             "requests": served["requests"], "statuses": served["statuses"],
-                             "in_process_img_per_s (batch = clients)": round(local["images_per_s"], 2),
-                             "in_process_ms_per_batch": round(1e3 * local["seconds"] / max(1, local["images"])
-                                                              * clients, 1),
-                             "ratio serve / in-process": round(served["requests_per_s"] / local["images_per_s"], 3),
-                             "loadavg_1m_before": round(load_before[0], 1)})
+                rows.append(level_row(mode, clients, url, pipeline, pngs, args))
                 print(rows[-1], flush=True)
             if args.soak_seconds > 0:
-                soaked = asyncio.run(soak(f"http://127.0.0.1:{port}", pngs, args.soak_clients, args.soak_requests,
-                                          args.soak_seconds))
+                soaked = asyncio.run(soak(url, pngs, args.soak_clients, args.soak_requests, args.soak_seconds))
                 soaked.update(mode=mode, ingress_peak_rss_mb=ingress_peak_rss_mb("bench"))
                 soaks.append(soaked)
                 print("soak", soaked, flush=True)
@@ -271,24 +256,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    report = {"command": command_line(), "artifact": str(artifact), "backbones": ensemble.backbone_names,
-              "image_size": args.image_size, "rows": rows, "soak": soaks, "loadavg_end": os.getloadavg()}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    md = "\n".join([
-        "# Ensemble on Ray Serve: loopback HTTP vs in-process\n", f"Command: `{report['command']}`\n",
+    return rows, soaks
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, "jobs.benchmarks.serve_latency")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    torch.set_num_threads(args.in_process_threads)
+    out = out_dir("serve_latency")
+    artifact = Path(args.artifact) if args.artifact else fit_small_artifact(out / "artifact", args.image_size)
+    ensemble = load_ensemble(artifact)
+    dataset = load_dataset("fashion_mnist")
+    assert dataset.test is not None
+    pngs = [_png(img[0]) for img in dataset.test.images[:max(args.requests, 64)]]
+    rows, soaks = measure_serve(artifact, InProcess(ensemble), pngs, args)
+    extra = {"artifact": str(artifact), "backbones": ensemble.backbone_names, "image_size": args.image_size,
+             "soak": soaks, "loadavg_end": os.getloadavg()}
+    md = write_results(out, command, rows, title="Ensemble on Ray Serve: loopback HTTP vs in-process", extra=extra,
+                       blocks=[
         f"Backbones {ensemble.backbone_names} at {args.image_size} px; modes {args.mode} (per_backbone: one "
         "replica per encoder, 1 thread; single: the encoders inside the ingress), "
         f"@serve.batch max {args.batch_max_size}; Fashion-MNIST test PNGs; each level at most {args.requests} "
         f"requests and {args.seconds} s per side. In-process: decode + 3 encoders + combiner, "
         f"{args.in_process_threads} torch thread(s), batch = client count. "
         "2 CPU cores shared with other agents: load average per row.\n",
-        markdown_table(rows)] + (["\n## Soak (one request in 4 hostile)\n", markdown_table(soaks)] if soaks else []))
-    (out / "results.md").write_text(md + "\n")
+        rows, *(["\n## Soak (one request in 4 hostile)\n", soaks] if soaks else [])])
     line_plot({f"{mode} {q} (ms)": (args.clients, [r[f"{q}_ms"] for r in rows if r["mode"] == mode])
                for mode in args.mode for q in ("p50", "p99")},
               out / "serve_latency.png", "Serve latency vs concurrent clients", "clients", "ms")
     print(md)
-    return report
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,21 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.benchmarks.common import announce, out_dir, write_results
 from jobs.config import load_config
 from jobs.recipes import RECIPES
 from jobs.runtime import setup_logging
 from jobs.train import load_data, prepare_payload
 from jobs.trainer import build_streams, fit_settings
 from polyclip.backbones import Backbone, arch_spec, create_backbone, load_backbone, save_backbone
-from polyclip.data.splits import make_split
+from polyclip.data.splits import Split, make_split
 from polyclip.engine import evaluate
 from polyclip.engine.fit import EvalSet, TaskData, fit, fit_arrays
 from polyclip.features.cache import encode_images
-from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.methods.probe import ProbeTask
 from polyclip.methods.simclr import SimCLRTask
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 logger = logging.getLogger("polyclip")
 NAME = "simclr_linear_probe"
@@ -123,17 +120,55 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return float((logits.argmax(1) == test_y).mean())
 
 
+def probe_splits(dataset: Any, args: argparse.Namespace) -> dict[tuple[int, int], Split]:
+    """A split per (labels per class, seed): the probe's labeled images and the stratified test images."""
+    assert dataset.test is not None
+    return {(k, seed): make_split(dataset.train.labels, dataset.class_names, labels_per_class=k, seed=seed,
+                                  val_per_class=0 if k < 0 else 50, test_labels=dataset.test.labels,
+                                  test_limit=args.test_limit or None)
+            for k in args.labels for seed in args.seeds}
+
+
+def probe_encoder(name: str, backbone: Backbone, dataset: Any, splits: dict[tuple[int, int], Split],
+                  args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Linear-probe test accuracy of one encoder at every labels-per-class, over the seeds: rows and results."""
+    test_pool = dataset.test
+    train_idx = np.unique(np.concatenate([s.labeled for s in splits.values()]))
+    test_idx = np.unique(np.concatenate([s.test for s in splits.values()]))
+    tic = time.perf_counter()
+    feats_train = encode_images(backbone, dataset.train.images[train_idx], batch_size=256)
+    feats_test = encode_images(backbone, test_pool.images[test_idx], batch_size=256)
+    encode_s = time.perf_counter() - tic
+    logger.info("%s: encoded %d images in %.0f s", name, len(train_idx) + len(test_idx), encode_s)
+    pos_train = {int(i): p for p, i in enumerate(train_idx)}
+    pos_test = {int(i): p for p, i in enumerate(test_idx)}
+    rows: list[dict[str, Any]] = []
+    results: dict[str, dict[str, Any]] = {}
+    for k in args.labels:
+        accs = []
+        for seed in args.seeds:
+            split = splits[(k, seed)]
+            tr = np.array([pos_train[int(i)] for i in split.labeled])
+            te = np.array([pos_test[int(i)] for i in split.test])
+            accs.append(linear_probe(feats_train[tr], dataset.train.labels[split.labeled], feats_test[te],
+                                     test_pool.labels[split.test], epochs=args.probe_epochs, seed=seed))
+        label = "all" if k < 0 else f"{k}/class"
+        results[f"{name} | {label}"] = {"median": statistics.median(accs), "values": accs}
+        rows.append({"encoder": name, "labels": label, "n_labeled": len(splits[(k, args.seeds[0])].labeled),
+                     "test_acc_median": statistics.median(accs), "min": min(accs), "max": max(accs),
+                     "seeds": len(accs), "encode_s": round(encode_s, 1)})
+        logger.info("%s, %s: %s", name, label, accs)
+    return rows, results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     args = parse_args(argv)
-    command = "python -m jobs.benchmarks.simclr_linear_probe " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(command, flush=True)
+    command = announce(argv, f"jobs.benchmarks.{NAME}")
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     cfg = load_config(args.config, [*args.overrides, f"data.unlabeled={args.pool}", f"train.epochs={args.epochs}",
                                     f"run.output_dir={out / 'runs'}"])
-
     if args.encoder is None:
         encoder, budget = pretrain(cfg, out)
     else:
@@ -145,53 +180,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "random init": create_backbone(arch_spec(cfg.backbone.spec), in_chans=1).eval(),
         f"EfficientNet-Lite0 @{args.lite_size}px": create_backbone("efficientnet_lite:0", image_size=args.lite_size),
     }
-    test_pool = dataset.test
-    assert test_pool is not None
-    splits = {(k, seed): make_split(dataset.train.labels, dataset.class_names, labels_per_class=k, seed=seed,
-                                    val_per_class=0 if k < 0 else 50, test_labels=test_pool.labels,
-                                    test_limit=args.test_limit or None)
-              for k in args.labels for seed in args.seeds}
-    train_idx = np.unique(np.concatenate([s.labeled for s in splits.values()]))
-    test_idx = np.unique(np.concatenate([s.test for s in splits.values()]))
+    splits = probe_splits(dataset, args)
     rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}
     for name, backbone in backbones.items():
-        tic = time.perf_counter()
-        feats_train = encode_images(backbone, dataset.train.images[train_idx], batch_size=256)
-        feats_test = encode_images(backbone, test_pool.images[test_idx], batch_size=256)
-        encode_s = time.perf_counter() - tic
-        logger.info("%s: encoded %d images in %.0f s", name, len(train_idx) + len(test_idx), encode_s)
-        pos_train = {int(i): p for p, i in enumerate(train_idx)}
-        pos_test = {int(i): p for p, i in enumerate(test_idx)}
-        for k in args.labels:
-            accs = []
-            for seed in args.seeds:
-                split = splits[(k, seed)]
-                tr = np.array([pos_train[int(i)] for i in split.labeled])
-                te = np.array([pos_test[int(i)] for i in split.test])
-                accs.append(linear_probe(feats_train[tr], dataset.train.labels[split.labeled], feats_test[te],
-                                         test_pool.labels[split.test], epochs=args.probe_epochs, seed=seed))
-            label = "all" if k < 0 else f"{k}/class"
-            results[f"{name} | {label}"] = {"median": statistics.median(accs), "values": accs}
-            rows.append({"encoder": name, "labels": label, "n_labeled": len(splits[(k, args.seeds[0])].labeled),
-                         "test_acc_median": statistics.median(accs), "min": min(accs), "max": max(accs),
-                         "seeds": len(accs), "encode_s": round(encode_s, 1)})
-            logger.info("%s, %s: %s", name, label, accs)
-
-    table = markdown_table(rows)
-    hist = markdown_table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
-                           for h in budget["history"]])
-    note = (f"# SimCLR linear probe on Fashion-MNIST\n\nCommand: `{command}`\n\n"
-            f"Pretraining budget: {budget['epochs']} epochs over {budget['pool_images']} train images "
-            "(used without labels) "
-            f"({budget['images_seen']} images, {budget['steps']} steps of batch {budget['batch_size']}), "
-            f"{budget['minutes']} minutes on a shared 2-core CPU, encoder `{budget['backbone']}`, no labels "
-            f"(the online probe's labels never reach the encoder).\n\n"
-            f"Linear probe: L2-normalised features, Adam 1e-2, {args.probe_epochs} epochs; test = "
-            f"{len(splits[(args.labels[0], args.seeds[0])].test)} stratified test images; median over seeds "
-            f"{args.seeds} (each seed draws its own labeled set).\n\n{table}\n## Pretraining epochs\n\n{hist}")
-    atomic_write_text(out / "results.md", note)
-    atomic_write_json(out / "results.json", {"command": command, "budget": budget, "rows": rows, "results": results})
+        encoder_rows, encoder_results = probe_encoder(name, backbone, dataset, splits, args)
+        rows += encoder_rows
+        results |= encoder_results
+    history = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in budget["history"]]
+    note = write_results(out, command, rows, title="SimCLR linear probe on Fashion-MNIST",
+                         extra={"budget": budget, "results": results}, blocks=[
+        f"Pretraining budget: {budget['epochs']} epochs over {budget['pool_images']} train images "
+        "(used without labels) "
+        f"({budget['images_seen']} images, {budget['steps']} steps of batch {budget['batch_size']}), "
+        f"{budget['minutes']} minutes on a shared 2-core CPU, encoder `{budget['backbone']}`, no labels "
+        f"(the online probe's labels never reach the encoder).\n",
+        f"Linear probe: L2-normalised features, Adam 1e-2, {args.probe_epochs} epochs; test = "
+        f"{len(splits[(args.labels[0], args.seeds[0])].test)} stratified test images; median over seeds "
+        f"{args.seeds} (each seed draws its own labeled set).\n", rows, "## Pretraining epochs\n", history])
     bar_chart({k: float(v["median"]) for k, v in results.items()}, out / "linear_probe.png",
               title="Linear probe, Fashion-MNIST test accuracy (median over seeds)", ylabel="accuracy")
     print(note)

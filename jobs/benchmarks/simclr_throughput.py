@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +33,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from jobs.benchmarks.common import announce, free_port, out_dir, write_results
 from polyclip.augment.simclr import simclr_augment
 from polyclip.backbones import create_backbone
-from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.methods.simclr import SimCLRTask
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 NAME = "simclr_throughput"
 
@@ -86,22 +82,16 @@ def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: str) ->
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(world: int, args: dict[str, Any]) -> list[float]:
     """Images/s of each timing window with ``world`` workers."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "seconds.json")
-        mp.start_processes(_worker, args=(world, _free_port(), args, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), args, out), nprocs=world, start_method="spawn")
         seconds = json.loads(Path(out).read_text())
     return [args["global_batch"] * args["steps"] / s for s in seconds]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m jobs.benchmarks.{NAME}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--global-batch", type=int, default=128)
@@ -111,9 +101,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="random:small_cnn@16")
     parser.add_argument("--cpus", type=int, default=2, help="cores shared by the workers")
     parser.add_argument("--out", default=f"runs/benchmarks/{NAME}")
-    args = parser.parse_args(argv)
-    command = f"python -m jobs.benchmarks.{NAME} " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(command, flush=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = announce(argv, f"jobs.benchmarks.{NAME}")
     if args.global_batch % 2:
         raise SystemExit(f"error: --global-batch must split evenly over 2 workers, got {args.global_batch}")
     params = vars(args)
@@ -130,23 +123,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "median_images_per_s": medians[w], "min": min(rates[w]), "max": max(rates[w]), "windows": len(rates[w])}
             for w in (1, 2)]
     ratio = medians[2] / medians[1]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    note = (f"# SimCLR pretraining throughput, 1 vs 2 workers\n\nCommand: `{command}`\n\n"
-            f"Encoder `{args.backbone}` at 28 px, global batch {args.global_batch} (two views each), "
-            f"{args.steps} steps per window after a warm-up step, {args.repeats} windows x {args.rounds} rounds, "
-            f"DDP on gloo over loopback, {args.cpus} cores shared by the workers.\n\n{markdown_table(rows)}\n"
-            f"Ratio of medians, 2 workers / 1 worker: **{ratio:.2f}x**.\n\n"
-            f"Load average of the shared machine (1/5/15 min): before {load_before}, after {load_after}; "
-            "other jobs ran at the same time, so treat absolute numbers as lower bounds.\n")
-    atomic_write_text(out / "results.md", note)
-    result = {"command": command, "rows": rows, "ratio_2_over_1": ratio, "rates": rates,
-              "loadavg_before": load_before, "loadavg_after": load_after}
-    atomic_write_json(out / "results.json", result)
+    out = out_dir(args.out)
+    extra = {"ratio_2_over_1": ratio, "rates": rates, "loadavg_before": load_before, "loadavg_after": load_after}
+    note = write_results(out, command, rows, title="SimCLR pretraining throughput, 1 vs 2 workers", extra=extra,
+                         blocks=[
+        f"Encoder `{args.backbone}` at 28 px, global batch {args.global_batch} (two views each), "
+        f"{args.steps} steps per window after a warm-up step, {args.repeats} windows x {args.rounds} rounds, "
+        f"DDP on gloo over loopback, {args.cpus} cores shared by the workers.\n", rows,
+        f"Ratio of medians, 2 workers / 1 worker: **{ratio:.2f}x**.\n",
+        f"Load average of the shared machine (1/5/15 min): before {load_before}, after {load_after}; "
+        "other jobs ran at the same time, so treat absolute numbers as lower bounds.\n"])
     bar_chart({f"{w} worker(s)": medians[w] for w in (1, 2)}, out / "throughput.png",
               title="SimCLR pretraining, median images/s", ylabel="images/s")
     print(note)
-    return result
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

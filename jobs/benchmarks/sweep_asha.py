@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs.benchmarks.common import command_line, median, out_dir
+from jobs.benchmarks.common import announce, median, out_dir, write_results
 from jobs.runtime import init_ray, setup_logging
 from jobs.sweep_config import ParamSpace, SweepConfig, get_dotted, load_sweep
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 NAME = "sweep_asha"
 
@@ -83,7 +82,7 @@ def run_pair(sweep: SweepConfig, job: dict[str, Any], points: list[dict[str, Any
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmarks.sweep_asha", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default="jobs/configs/sweeps/probe_small.yaml")
@@ -93,33 +92,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", default=None)
-    args = parser.parse_args(argv)
-    setup_logging()
-    print(f"command: {command_line()}", flush=True)
-    sweep, job = load_sweep(args.sweep)
-    job.setdefault("train", {})["epochs"] = args.epochs
-    points = draw_points(sweep.space, job, args.samples, args.seed)
-    init_ray(args.address)
+    return parser.parse_args(argv)
 
-    # Encode (and cache) the features once, outside the timed sweeps.
+
+def warm_features(job: dict[str, Any]) -> float:
+    """Encode (and cache) the job's features once, outside the timed sweeps; the seconds it took."""
     from jobs.config import parse_config
     from jobs.sweep import _absolute_paths, prepare_recording_reads
 
     tic = time.perf_counter()
     prepare_recording_reads(parse_config(_absolute_paths(job)))
-    warm_s = time.perf_counter() - tic
+    return time.perf_counter() - tic
 
-    pairs = [run_pair(sweep, job, points, r, args.grace) for r in range(args.repeats)]
+
+def compare(pairs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """ASHA vs to-the-end: wall time and epochs trained (rows), and the report's figures."""
     asha_s = [p["asha"]["wall_s"] for p in pairs]
     full_s = [p["to_the_end"]["wall_s"] for p in pairs]
     last = pairs[-1]["to_the_end"]
-    trials = last["trials"]
-    default_row, best = trials[0], last["best"]
+    default_row, best = last["trials"][0], last["best"]
     asha_epochs = [sum(r["epochs"] for r in p["asha"]["trials"]) for p in pairs]
     full_epochs = [sum(r["epochs"] for r in p["to_the_end"]["trials"]) for p in pairs]
-    report = {
-        "command": command_line(), "sweep": args.sweep, "samples": args.samples, "epochs": args.epochs,
-        "repeats": args.repeats, "points": points, "feature_warmup_s": warm_s,
+    figures = {
         "wall_s": {"asha": asha_s, "to_the_end": full_s, "median_asha": median(asha_s),
                    "median_to_the_end": median(full_s), "ratio_asha_over_full": median(asha_s) / median(full_s)},
         "trained_epochs": {"asha": asha_epochs, "to_the_end": full_epochs},
@@ -128,26 +122,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "test_top1": default_row.get("test_top1")},
         "best_vs_default_test_top1": {"best": best["test_top1"], "default": default_row.get("test_top1")},
     }
-    folder = out_dir(NAME)
-    (folder / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    bar_chart({"ASHA": median(asha_s), "to the end": median(full_s)}, folder / "wall_time.png",
-              f"sweep wall time, {args.samples} trials x {args.epochs} epochs (median of {args.repeats})", "seconds")
-    bar_chart({"default config": float(default_row.get("test_top1") or 0.0),
-               "best config": float(best["test_top1"] or 0.0)},
-              folder / "best_vs_default.png", "test accuracy (run to the end)", "top-1")
     rows = [{"scheduler": "ASHA", "median wall s": median(asha_s), "epochs trained": median(asha_epochs)},
             {"scheduler": "none (to the end)", "median wall s": median(full_s), "epochs trained": median(full_epochs)}]
-    md = [f"# {NAME}", "", f"`{command_line()}`", "",
-          f"Sweep `{args.sweep}`, {args.samples} fixed configurations x {args.epochs} epochs, same seeds; "
-          f"{args.repeats} repeat(s), CPU shared with other jobs.", "",
-          markdown_table(rows), "",
-          f"ASHA / to-the-end wall time: **{report['wall_s']['ratio_asha_over_full']:.2f}**", "",
-          f"Test top-1, default configuration {points[0]}: {default_row.get('test_top1')}; best on validation "
-          f"{best['params']}: {best['test_top1']}", "", "![wall time](wall_time.png)",
-          "![best vs default](best_vs_default.png)", ""]
-    (folder / "report.md").write_text("\n".join(md))
-    print("\n".join(md))
-    return report
+    return rows, figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging()
+    command = announce(argv, f"jobs.benchmarks.{NAME}")
+    sweep, job = load_sweep(args.sweep)
+    job.setdefault("train", {})["epochs"] = args.epochs
+    points = draw_points(sweep.space, job, args.samples, args.seed)
+    init_ray(args.address)
+    warm_s = warm_features(job)
+    pairs = [run_pair(sweep, job, points, r, args.grace) for r in range(args.repeats)]
+    rows, figures = compare(pairs, points)
+    folder = out_dir(NAME)
+    wall, top1 = figures["wall_s"], figures["best_vs_default_test_top1"]
+    bar_chart({"ASHA": wall["median_asha"], "to the end": wall["median_to_the_end"]}, folder / "wall_time.png",
+              f"sweep wall time, {args.samples} trials x {args.epochs} epochs (median of {args.repeats})", "seconds")
+    bar_chart({"default config": float(top1["default"] or 0.0), "best config": float(top1["best"] or 0.0)},
+              folder / "best_vs_default.png", "test accuracy (run to the end)", "top-1")
+    # Trial results hold values JSON does not know (timestamps); they are written as text.
+    extra = json.loads(json.dumps({"sweep": args.sweep, "samples": args.samples, "epochs": args.epochs,
+                                   "repeats": args.repeats, "points": points, "feature_warmup_s": warm_s, **figures},
+                                  default=str))
+    md = write_results(folder, command, rows, title=NAME, extra=extra, blocks=[
+        f"Sweep `{args.sweep}`, {args.samples} fixed configurations x {args.epochs} epochs, same seeds; "
+        f"{args.repeats} repeat(s), CPU shared with other jobs.\n", rows,
+        f"ASHA / to-the-end wall time: **{wall['ratio_asha_over_full']:.2f}**\n",
+        f"Test top-1, default configuration {points[0]}: {top1['default']}; best on validation "
+        f"{figures['full_best']['params']}: {top1['best']}\n", "![wall time](wall_time.png)",
+        "![best vs default](best_vs_default.png)\n"])
+    print(md)
+    return {"command": command, "rows": rows, **extra}
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import median, out_dir, summary
+from jobs.benchmarks.common import announce, median, out_dir, summary, write_results
 from jobs.runtime import setup_logging
 from jobs.worker_faults import start_local_ray
 from polyclip.backbones import create_backbone
@@ -46,7 +44,6 @@ from polyclip.engine import ArrayLoader
 from polyclip.engine.fit import FitSettings, TaskData, fit
 from polyclip.methods.supervised import SupervisedTask
 from polyclip.reports.plots import bar_chart
-from polyclip.reports.tables import markdown_table
 
 
 def timed_training(data: dict[str, np.ndarray], *, spec: str, num_classes: int, batch_size: int, warmup: int,
@@ -135,7 +132,7 @@ def plain_run(data: dict[str, np.ndarray], kwargs: dict[str, Any]) -> dict[str, 
     return {**out, "wall_seconds": time.perf_counter() - tic}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
@@ -145,24 +142,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="random:small_cnn")
     parser.add_argument("--images", type=int, default=4096, help="Fashion-MNIST training images used")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "jobs.benchmarks.train_overhead", *(sys.argv[1:] if argv is None else argv)])
     if min(args.repeats, args.steps, args.batch_size, args.threads, args.images) < 1 or args.warmup < 0:
         parser.error("--repeats, --steps, --batch-size, --threads and --images must be >= 1, --warmup >= 0")
-    setup_logging()
-    print(f"$ {command}", flush=True)
-    out = out_dir("train_overhead")
+    return args
 
-    dataset = load_dataset("fashion_mnist")
-    n = min(args.images, len(dataset.train.labels))
-    data = {"x": np.ascontiguousarray(dataset.train.images[:n]), "y": dataset.train.labels[:n].astype(np.int64)}
-    kwargs = {"spec": args.backbone, "num_classes": dataset.num_classes, "batch_size": args.batch_size,
-              "warmup": args.warmup, "steps": args.steps, "threads": args.threads, "seed": 0}
 
-    ray_init_seconds = start_local_ray(max(2, args.threads))
+def interleaved_runs(data: dict[str, np.ndarray], kwargs: dict[str, Any], args: argparse.Namespace, storage: str
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, float]], list[dict[str, float]]]:
+    """``--repeats`` plain and Ray runs, alternating who goes first; the rows, the plain and the Ray results."""
     import ray
 
     data_ref = ray.put(data)
-    storage = str((out / "ray").resolve())
     rows: list[dict[str, Any]] = []
     plain: list[dict[str, float]] = []
     remote: list[dict[str, float]] = []
@@ -177,12 +167,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "timed_seconds": res["seconds"], "wall_seconds": res["wall_seconds"], "load_1min": load})
             print(f"repeat {r} {side:5s}: {res['images_per_s']:8.1f} img/s, wall {res['wall_seconds']:6.2f} s, "
                   f"load {load:.1f}", flush=True)
+    return rows, plain, remote
 
+
+def write_report(out: Path, command: str, args: argparse.Namespace, setup: dict[str, Any], ray_init_seconds: float,
+                 rows: list[dict[str, Any]], plain: list[dict[str, float]], remote: list[dict[str, float]]
+                 ) -> tuple[dict[str, Any], str]:
+    """``results.{json,md}`` and ``throughput.png``; returns the report and its markdown."""
     ratios = [b["images_per_s"] / a["images_per_s"] for a, b in zip(plain, remote)]
-    report: dict[str, Any] = {
-        "command": command,
-        "setup": {**kwargs, "images": n, "repeats": args.repeats, "torch": torch.__version__,
-                  "ray": ray.__version__, "cpus": os.cpu_count()},
+    extra: dict[str, Any] = {
+        "setup": setup,
         "ray_init_seconds": ray_init_seconds,
         "plain_images_per_s": summary([p["images_per_s"] for p in plain]),
         "ray_images_per_s": summary([p["images_per_s"] for p in remote]),
@@ -191,36 +185,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_wall_seconds": summary([p["wall_seconds"] for p in plain]),
         "ray_wall_seconds": summary([p["wall_seconds"] for p in remote]),
         "load_1min": summary([row["load_1min"] for row in rows]),
-        "runs": rows,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
     table = [
-        {"side": "plain PyTorch", "median img/s": report["plain_images_per_s"]["median"],
-         "median wall s": report["plain_wall_seconds"]["median"]},
-        {"side": "TorchTrainer, 1 worker", "median img/s": report["ray_images_per_s"]["median"],
-         "median wall s": report["ray_wall_seconds"]["median"]},
+        {"side": "plain PyTorch", "median img/s": extra["plain_images_per_s"]["median"],
+         "median wall s": extra["plain_wall_seconds"]["median"]},
+        {"side": "TorchTrainer, 1 worker", "median img/s": extra["ray_images_per_s"]["median"],
+         "median wall s": extra["ray_wall_seconds"]["median"]},
     ]
-    md = "\n".join([
-        "# Ray Train overhead: one TorchTrainer worker vs plain PyTorch", "",
-        f"`{command}`", "",
-        f"{args.backbone} on {n} Fashion-MNIST images, batch {args.batch_size}, {args.steps} timed steps after "
-        f"{args.warmup} warm-up steps, {args.threads} torch thread(s), {args.repeats} interleaved repeats; "
-        f"Ray {ray.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs shared with other jobs "
-        f"(1-min load average during the runs: median {report['load_1min']['median']:.1f}).", "",
-        markdown_table(table, floatfmt=".2f"), "",
-        f"Steady-state throughput ratio Ray / plain: **{report['ratio_ray_over_plain']['median']:.3f}** "
+    md = write_results(out, command, rows, title="Ray Train overhead: one TorchTrainer worker vs plain PyTorch",
+                       extra=extra, floatfmt=".2f", blocks=[
+        f"{args.backbone} on {setup['images']} Fashion-MNIST images, batch {args.batch_size}, {args.steps} timed "
+        f"steps after {args.warmup} warm-up steps, {args.threads} torch thread(s), {args.repeats} interleaved "
+        f"repeats; Ray {setup['ray']}, torch {torch.__version__}, {os.cpu_count()} CPUs shared with other jobs "
+        f"(1-min load average during the runs: median {extra['load_1min']['median']:.1f}).\n", table,
+        f"Steady-state throughput ratio Ray / plain: **{extra['ratio_ray_over_plain']['median']:.3f}** "
         f"(median of per-repeat ratios; min {min(ratios):.3f}, max {max(ratios):.3f}; ratio of medians "
-        f"{report['ratio_of_medians']:.3f}). Target: 0.95 or more.", "",
-        f"End-to-end wall time of one run: plain {report['plain_wall_seconds']['median']:.2f} s, "
-        f"`trainer.fit()` {report['ray_wall_seconds']['median']:.2f} s (medians), plus `ray.init` "
-        f"{ray_init_seconds:.2f} s once per process.", "",
-        markdown_table(rows, floatfmt=".2f"), "",
-    ])
-    (out / "results.md").write_text(md)
+        f"{extra['ratio_of_medians']:.3f}). Target: 0.95 or more.\n",
+        f"End-to-end wall time of one run: plain {extra['plain_wall_seconds']['median']:.2f} s, "
+        f"`trainer.fit()` {extra['ray_wall_seconds']['median']:.2f} s (medians), plus `ray.init` "
+        f"{ray_init_seconds:.2f} s once per process.\n", rows])
     sides = {"plain": "plain_images_per_s", "TorchTrainer x1": "ray_images_per_s"}
-    bar_chart({k: report[v]["median"] for k, v in sides.items()}, out / "throughput.png",
+    bar_chart({k: extra[v]["median"] for k, v in sides.items()}, out / "throughput.png",
               "Steady-state training throughput (median)", "images / s",
-              errors={k: report[v]["std"] for k, v in sides.items()})
+              errors={k: extra[v]["std"] for k, v in sides.items()})
+    return {"command": command, "rows": rows, **extra}, md
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging()
+    command = announce(argv, "jobs.benchmarks.train_overhead")
+    out = out_dir("train_overhead")
+    dataset = load_dataset("fashion_mnist")
+    n = min(args.images, len(dataset.train.labels))
+    data = {"x": np.ascontiguousarray(dataset.train.images[:n]), "y": dataset.train.labels[:n].astype(np.int64)}
+    kwargs = {"spec": args.backbone, "num_classes": dataset.num_classes, "batch_size": args.batch_size,
+              "warmup": args.warmup, "steps": args.steps, "threads": args.threads, "seed": 0}
+    ray_init_seconds = start_local_ray(max(2, args.threads))
+    import ray
+
+    rows, plain, remote = interleaved_runs(data, kwargs, args, str((out / "ray").resolve()))
+    setup = {**kwargs, "images": n, "repeats": args.repeats, "torch": torch.__version__, "ray": ray.__version__,
+             "cpus": os.cpu_count()}
+    report, md = write_report(out, command, args, setup, ray_init_seconds, rows, plain, remote)
     print(md)
     return report
 
