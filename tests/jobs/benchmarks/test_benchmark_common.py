@@ -20,6 +20,12 @@ def test_command_line_names_the_module_and_quotes_the_arguments():
     assert shlex.split(command)[3:] == ["--seeds", "0", "1", "--name", "a b"]
 
 
+def test_announce_prints_the_command_first_and_returns_it(capsys):
+    command = common.announce(["--k", "4"], "jobs.benchmarks.x")
+    assert command == "python -m jobs.benchmarks.x --k 4"
+    assert capsys.readouterr().out == f"command: {command}\n"
+
+
 def test_out_dir_puts_a_name_under_the_root_and_keeps_a_path(tmp_path):
     assert common.out_dir("bench", root=tmp_path) == tmp_path / "bench"
     assert (tmp_path / "bench").is_dir()
