@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.benchmarks.common import command_line, out_dir, write_results
 from jobs.benchmarks.photo_folders import PHOTO_ROOT, sized_photo_folder
 
 DEFAULT_ROOT = Path("runs/benchmarks/data_scale")
@@ -206,7 +207,7 @@ class _Bucket:
             self.server.stop()
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--compare-sizes", type=int, nargs="+", default=[5000],
@@ -220,12 +221,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--measure", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.measure:
-        _measure(args)
-        return []
-    root = Path(args.root)
-    root.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args(argv)
+
+
+def run_all(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Every (size, path) the flags ask for, each in a fresh process; the S3 server only if ``new-s3`` runs."""
     largest = max(args.sizes)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=root) as work:
@@ -237,8 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     if (path == "old" and n > args.old_max) or (path in ("plain", "new-s3")
                                                                 and n not in args.compare_sizes):
                         continue
-                    out, env = str(Path(work) / f"{path}-{n}"), None
-                    source = str(folder)
+                    out, env, source = str(Path(work) / f"{path}-{n}"), None, str(folder)
                     if path == "new-s3":
                         source, env = bucket.prefix(folder)
                         out = f"s3://bench/runs-{n}"
@@ -247,29 +246,38 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     results.append(result)
         finally:
             bucket.stop()
-    load = os.getloadavg()
-    lines = [
-        f"EfficientNet-Lite0 at {args.image_size} px, 2-CPU local Ray, load average {load[0]:.1f} at the end",
-        "| N | path | driver peak RSS (MiB) | images | skipped | seconds | images/s | vs plain | vs old | cache hit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run, with images/s as a ratio to ``plain`` and ``old`` at the same size."""
+    rows = []
     for r in results:
         same_n = {o["path"]: o for o in results if o["n"] == r["n"]}
         ratio = {k: (f"{r['images_per_s'] / same_n[k]['images_per_s']:.2f}x" if k in same_n else "")
                  for k in ("plain", "old")}
-        hit = f"{r['cache_hit_ratio']:.3f}" if "cache_hit_ratio" in r else ""
-        lines.append(f"| {r['n']} | {r['path']} | {r['driver_peak_rss_mb']:.0f} | {r['images']} | {r['skipped']} | "
-                     f"{r['seconds']:.1f} | {r['images_per_s']:.0f} | {ratio['plain']} | {ratio['old']} | {hit} |")
-    new = {r["n"]: r["driver_peak_rss_mb"] for r in results if r["path"] == "new"}
-    if len(new) > 1:
-        lines.append(f"\nnew path driver RSS, largest / smallest N: {new[max(new)] / new[min(new)]:.2f}")
-    print("\n".join(lines))
-    from polyclip.io import atomic_write_json, atomic_write_text
+        rows.append({"N": r["n"], "path": r["path"], "driver peak RSS (MiB)": round(r["driver_peak_rss_mb"]),
+                     "images": r["images"], "skipped": r["skipped"], "seconds": round(r["seconds"], 1),
+                     "images/s": round(r["images_per_s"], 1), "vs plain": ratio["plain"], "vs old": ratio["old"],
+                     "cache hit / miss": f"{r['cache_hit_ratio']:.3f}" if "cache_hit_ratio" in r else ""})
+    return rows
 
-    command = " ".join([Path(sys.executable).name, "-m", "jobs.benchmarks.data_scale",
-                        *(argv if argv is not None else sys.argv[1:])])
-    atomic_write_json(root / "results.json", {"command": command, "load_average": load, "results": results})
-    atomic_write_text(root / "results.md", f"`{command}`\n\n" + "\n".join(lines) + "\n")
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.measure:
+        _measure(args)
+        return []
+    root = out_dir(args.root)
+    command = command_line(argv, "jobs.benchmarks.data_scale")
+    results = run_all(args, root)
+    new = {r["n"]: r["driver_peak_rss_mb"] for r in results if r["path"] == "new"}
+    blocks: list[Any] = [f"EfficientNet-Lite0 at {args.image_size} px, 2-CPU local Ray, load average "
+                         f"{os.getloadavg()[0]:.1f} at the end\n", table(results)]
+    if len(new) > 1:
+        blocks.append(f"\nnew path driver RSS, largest / smallest N: {new[max(new)] / new[min(new)]:.2f}\n")
+    print(write_results(root, command, results, title="Data at cluster scale: list, split, decode, encode",
+                        blocks=blocks, floatfmt=".2f"))
     return results
 
 
