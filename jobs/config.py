@@ -6,23 +6,22 @@ library. An unknown or mistyped key fails with its dotted name and the valid key
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config is invalid; the message names every bad key and what is valid there."""
-
-
-class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from jobs.config_base import (
+    ConfigError as ConfigError,  # jobs and tests import it from here
+)
+from jobs.config_base import (
+    SafeName,
+    StrictModel,
+    apply_overrides,
+    read_yaml_mapping,
+    validate,
+)
 
 
 class DataConfig(StrictModel):
@@ -139,7 +138,7 @@ class WordVectorsSection(StrictModel):
 class JobConfig(StrictModel):
     """A whole training job."""
 
-    name: str
+    name: SafeName
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -149,12 +148,15 @@ class JobConfig(StrictModel):
     run: RunSection = Field(default_factory=RunSection)
     word_vectors: WordVectorsSection | None = None
 
-    @field_validator("name")
     @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a non-empty folder name without slashes or spaces")
-        return value
+    def field_annotation(cls, name: str, value: Any) -> Any:
+        """``method``: the parameters model of the method ``value`` names (``Any`` for an unknown one)."""
+        if name != "method":
+            return super().field_annotation(name, value)
+        from jobs.recipes import RECIPES
+
+        method = value.get("name") if isinstance(value, dict) else None
+        return RECIPES[method].params if method in RECIPES else Any
 
     @field_validator("method", mode="before")
     @classmethod
@@ -197,78 +199,6 @@ class JobConfig(StrictModel):
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.name
 
-    def dump(self) -> dict[str, Any]:
-        """Plain dict (round-trips through :func:`parse_config`)."""
-        return self.model_dump(mode="json")
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (``0.1``, ``true``, ``[1, 2]``, ``null``)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict (in place; returned too)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = parse_value(raw)
-    return data
-
-
-def _section_model(loc: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
-    """The model that validates the section at ``loc`` (for listing valid keys)."""
-    model: type[BaseModel] | None = JobConfig
-    node: Any = data
-    for part in loc:
-        if model is None:
-            return None
-        if model is JobConfig and part == "method":
-            from jobs.recipes import RECIPES
-
-            name = node.get("method", {}).get("name") if isinstance(node, dict) else None
-            model = RECIPES[name].params if name in RECIPES else None
-            node = node.get("method", {})
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return model
-
-
-def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
-    """Explain a pydantic error with dotted keys and, for unknown keys, the valid ones."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
-        dotted = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            parent = _section_model(loc[:-1], data)
-            valid = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
-            lines.append(f"unknown key {dotted!r}{hint}; valid keys here: {', '.join(valid)}")
-        else:
-            value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{dotted or '<root>'}: {err['msg']}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
 
 def parse_config(data: dict[str, Any]) -> JobConfig:
     """Validate a config dict.
@@ -276,28 +206,7 @@ def parse_config(data: dict[str, Any]) -> JobConfig:
     Raises:
         ConfigError: Naming every bad key.
     """
-    try:
-        return JobConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, data)) from None
-
-
-def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A config file's top-level mapping.
-
-    Raises:
-        ConfigError: Missing file, bad YAML, or a top level that is not a mapping.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: top level must be a mapping")
-    return data
+    return validate(JobConfig, data)
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:

@@ -24,7 +24,6 @@ backbone, logit and probability averaging and the per-image oracle, and writes
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -33,19 +32,13 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from jobs.config import (
-    BackboneConfig,
-    ConfigError,
-    DataConfig,
-    StrictModel,
-    apply_overrides,
-    format_validation_error,
-    read_yaml_mapping,
-)
+from jobs.cli import job_parser, start_job
+from jobs.config import BackboneConfig, DataConfig
+from jobs.config_base import ConfigError, SafeName, StrictModel, apply_overrides, read_yaml_mapping, validate
 from jobs.features import cached_features
-from jobs.runtime import init_ray, setup_logging
+from jobs.runtime import init_ray
 from jobs.train import load_split_data
 from polyclip.backbones import create_backbone, has_trained_text_encoder
 from polyclip.data.datasets import Dataset
@@ -124,7 +117,7 @@ class EnsembleRunConfig(StrictModel):
 class EnsembleJobConfig(StrictModel):
     """A whole ensemble-fitting job."""
 
-    name: str
+    name: SafeName
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     backbones: list[MemberConfig] = Field(..., min_length=1)
@@ -132,13 +125,6 @@ class EnsembleJobConfig(StrictModel):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     cascade: CascadeConfig = Field(default_factory=CascadeConfig)
     run: EnsembleRunConfig = Field(default_factory=EnsembleRunConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a non-empty folder name without slashes or spaces")
-        return value
 
     @model_validator(mode="after")
     def _unique_members(self) -> EnsembleJobConfig:
@@ -152,9 +138,6 @@ class EnsembleJobConfig(StrictModel):
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.name
 
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
 
 def parse_ensemble_config(data: dict[str, Any]) -> EnsembleJobConfig:
     """Validate an ensemble config dict.
@@ -162,13 +145,7 @@ def parse_ensemble_config(data: dict[str, Any]) -> EnsembleJobConfig:
     Raises:
         ConfigError: Naming every bad key and value.
     """
-    try:
-        return EnsembleJobConfig.model_validate(data)
-    except ValidationError as exc:
-        # format_validation_error lists valid keys for JobConfig sections; ours differ, so
-        # name the bad keys and add this model's top-level keys.
-        message = format_validation_error(exc, {})
-        raise ConfigError(f"{message}\n  (ensemble config keys: {', '.join(EnsembleJobConfig.model_fields)})") from None
+    return validate(EnsembleJobConfig, data)
 
 
 def load_ensemble_config(path: str | Path, overrides: list[str] | None = None) -> EnsembleJobConfig:
@@ -294,24 +271,11 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             for k, v in metrics["evaluation"]["accuracy"].items()]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.ensemble", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML ensemble config")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the run's metrics (callable from tests)."""
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        cfg = load_ensemble_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    init_ray(args.address)
+    parser = job_parser("python -m jobs.ensemble", __doc__, config_help="YAML ensemble config")
+    _, cfg = start_job(parser, argv, lambda args: load_ensemble_config(args.config, args.overrides),
+                       connect=init_ray)
     metrics = run_ensemble(cfg)
     print(markdown_table(summary_rows(metrics)))
     chosen = (metrics.get("cascade") or {}).get("chosen")

@@ -24,7 +24,6 @@ tolerance fails. ``--benchmark`` adds per-image latency of torch and onnxruntime
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.cli import exit_on_error, job_parser
 from jobs.recipes.base import Payload
 from jobs.recipes.distill import DistillExtras
 from jobs.recipes.finetune import FinetuneExtras
@@ -332,8 +332,10 @@ def export_ensemble(folder: str | Path, out: str | Path, *, tolerance: Tolerance
     return description
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the export; returns what ``export.json`` holds."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = job_parser("python -m jobs.export", __doc__, config_help=None, address=False)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory written by jobs.train (probe, finetune, distill)")
     source.add_argument("--ensemble", help="ensemble artifact directory (ensemble.json, heads.pt, ...)")
@@ -341,21 +343,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--atol", type=float, default=Tolerance.atol, help="absolute tolerance of the check")
     parser.add_argument("--rtol", type=float, default=Tolerance.rtol, help="relative tolerance of the check")
     parser.add_argument("--benchmark", action="store_true", help="also time torch and onnxruntime per image")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the export; returns what ``export.json`` holds."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = _parse(argv)
+    args = parser.parse_args(argv)
     tolerance = Tolerance(args.atol, args.rtol)
-    try:
+    with exit_on_error(ExportError, ValueError, FileNotFoundError):
         if args.run:
             result = export_run(args.run, args.out, tolerance=tolerance, benchmark=args.benchmark)
         else:
             result = export_ensemble(args.ensemble, args.out, tolerance=tolerance, benchmark=args.benchmark)
-    except (ExportError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
     print(f"exported to {Path(args.out).resolve()}")
     return result
 

@@ -16,18 +16,18 @@ accuracy, validation and test accuracy, semantic error distance) is written as
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
-from jobs.config import ConfigError, JobConfig, load_config
-from jobs.runtime import init_ray, setup_logging
+from jobs.cli import job_parser, start_job
+from jobs.config import JobConfig, load_config
+from jobs.config_base import ConfigError, SafeName, StrictModel, read_yaml_mapping, validate
+from jobs.runtime import init_ray
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.reports.tables import markdown_table
 
@@ -45,21 +45,13 @@ COLUMNS = [
 ]
 
 
-class ComparisonConfig(BaseModel):
+class ComparisonConfig(StrictModel):
     """A comparison: which job configs, with which shared overrides."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SafeName
     output_dir: str = "runs"
     runs: dict[str, str] = Field(..., min_length=1, description="table label -> job config path")
     overrides: list[str] = Field(default_factory=list)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a non-empty folder name without slashes or spaces")
-        return value
 
 
 def load_comparison(path: str | os.PathLike[str], overrides: list[str] | None = None
@@ -79,12 +71,8 @@ def load_comparison(path: str | os.PathLike[str], overrides: list[str] | None = 
             jobs with the same name.
     """
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"comparison config {file} does not exist")
-    try:
-        comparison = ComparisonConfig.model_validate(yaml.safe_load(file.read_text()) or {})
-    except ValidationError as exc:
-        raise ConfigError(f"{file}: invalid comparison config: {exc}") from None
+    data = read_yaml_mapping(file, "comparison config")
+    comparison = validate(ComparisonConfig, data, f"{file}: invalid comparison config")
     folder = Path(comparison.output_dir) / comparison.name
     jobs: dict[str, JobConfig] = {}
     for label, job_path in comparison.runs.items():
@@ -191,18 +179,10 @@ def run_comparison(comparison: ComparisonConfig, jobs: dict[str, JobConfig]) -> 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Entry point; returns the table rows (callable from tests)."""
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m jobs.language_comparison", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="comparison YAML")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every job")
-    args = parser.parse_args(argv)
-    try:
-        comparison, jobs = load_comparison(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    init_ray(args.address)
+    parser = job_parser("python -m jobs.language_comparison", __doc__, config_help="comparison YAML",
+                        overrides_help="dotted.key=value overrides for every job")
+    _, (comparison, jobs) = start_job(parser, argv, lambda args: load_comparison(args.config, args.overrides),
+                                      connect=init_ray)
     rows = run_comparison(comparison, jobs)
     print(table_markdown(rows, comparison.name))
     print(f"table: {(Path(comparison.output_dir) / comparison.name / 'comparison.md').resolve()}")

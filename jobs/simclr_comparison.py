@@ -20,7 +20,6 @@ baseline is one seeded set of weights shared by every worker and both modes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -31,10 +30,12 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from jobs.config import ConfigError, JobConfig, load_config
-from jobs.runtime import init_ray, setup_logging
+from jobs.cli import job_parser, start_job
+from jobs.config import JobConfig, load_config
+from jobs.config_base import ConfigError, SafeName, StrictModel, read_yaml_mapping, validate
+from jobs.runtime import init_ray
 from polyclip.backbones import create_backbone, save_backbone
 from polyclip.io import atomic_write_json, atomic_write_text
 from polyclip.reports.plots import grouped_bar_chart
@@ -46,38 +47,34 @@ logger = logging.getLogger("polyclip")
 SIMCLR, RANDOM = "simclr", "random"
 
 
-class BackboneEntry(BaseModel):
+class BackboneEntry(StrictModel):
     """One row group of the comparison."""
 
-    model_config = ConfigDict(extra="forbid")
     label: str
     spec: str = Field(description="'simclr', 'random', or any backbone spec")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides for this backbone's jobs")
 
 
-class ComparisonRuns(BaseModel):
+class ComparisonRuns(StrictModel):
     """The job configs the grid is made of."""
 
-    model_config = ConfigDict(extra="forbid")
     pretrain: str = Field(description="the SimCLR pretraining job config")
     probe: str = Field(description="the linear-probe job config (its backbone.spec is replaced)")
     finetune: str = Field(description="the fine-tuning job config (its backbone.spec is replaced)")
 
 
-class CellOverrides(BaseModel):
+class CellOverrides(StrictModel):
     """Dotted overrides for the cells of one mode (and label budget), e.g. fewer fine-tuning epochs with all labels."""
 
-    model_config = ConfigDict(extra="forbid")
     mode: Literal["finetune", "probe"]
     labels_per_class: int | None = Field(None, description="only at this budget (-1 = all labels); default: every")
     overrides: list[str] = Field(min_length=1)
 
 
-class ComparisonConfig(BaseModel):
+class ComparisonConfig(StrictModel):
     """The comparison grid (paths are relative to the comparison file)."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = "simclr-comparison"
+    name: SafeName = "simclr-comparison"
     output_dir: str = "runs"
     runs: ComparisonRuns
     encoder: str | None = Field(None, description="a finished SimCLR checkpoint dir: skip pretraining")
@@ -115,12 +112,8 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> tup
         ConfigError: Bad keys or values, a missing job config, or an invalid job.
     """
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"comparison config {file} does not exist")
-    try:
-        comparison = ComparisonConfig.model_validate(yaml.safe_load(file.read_text()) or {})
-    except ValidationError as exc:
-        raise ConfigError(f"{file}: invalid comparison config: {exc}") from None
+    data = read_yaml_mapping(file, "comparison config")
+    comparison = validate(ComparisonConfig, data, f"{file}: invalid comparison config")
     base = file.parent
     runs = ComparisonRuns(**{k: str(_resolve(base, v)) for k, v in comparison.runs.model_dump().items()})
     comparison = comparison.model_copy(update={"runs": runs, "overrides": [*comparison.overrides, *(overrides or [])]})
@@ -225,18 +218,10 @@ def write_outputs(comparison: ComparisonConfig, rows: list[dict[str, Any]], spec
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Entry point; returns the table rows (callable from tests)."""
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m jobs.simclr_comparison", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="comparison YAML")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every job")
-    args = parser.parse_args(argv)
-    try:
-        comparison, pretrain = load_comparison(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    init_ray(args.address)
+    parser = job_parser("python -m jobs.simclr_comparison", __doc__, config_help="comparison YAML",
+                        overrides_help="dotted.key=value overrides for every job")
+    _, (comparison, pretrain) = start_job(parser, argv, lambda args: load_comparison(args.config, args.overrides),
+                                          connect=init_ray)
     rows = run_comparison(comparison, pretrain)
     print(markdown_table(rows))
     print(f"comparison: {comparison.folder.resolve()}")

@@ -32,6 +32,7 @@ W&B runs go to ``wandb/`` and MLflow's file store to ``mlruns/`` in the sweep fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -42,6 +43,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel
 
-from jobs.config import ConfigError, parse_config
-from jobs.runtime import init_ray, setup_logging
+from jobs.cli import job_parser, start_job
+from jobs.config import parse_config
+from jobs.runtime import init_ray
 from jobs.sweep_config import SweepConfig, SweepConfigError, load_sweep, set_dotted
 from jobs.sweep_report import (
     BEST_YAML,
@@ -79,18 +82,29 @@ PATH_KEYS = ("run.output_dir", "run.cache_dir", "data.root")
 TIME_ATTR = "epoch"
 #: Memory (bytes) a CPU-free trial function reserves, so that Tune accepts its resource request.
 DRIVER_MEMORY = 256 * 1024**2
-#: How long a trial's Train workers may wait for CPUs (Ray Train's default, 60 s, is too short on a busy cluster).
-WORKER_START_TIMEOUT_S = 900
+#: How long a trial's Train workers may wait for CPUs (Ray Train's default, 60 s, is too short on a busy cluster):
+#: a trial may wait for the workers of one that ASHA just stopped to be torn down.
+WORKER_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}
+#: W&B runs offline unless WANDB_MODE says otherwise (Ray asks for an API key unless W&B is offline).
+WANDB_MODE = "offline"
+#: Tune's advice under PBT; a trial here is a Train run, not a Trainable that could reuse its actor.
+PBT_ACTOR_REUSE_WARNING = "Consider boosting PBT performance"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/sweeps/)")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name and start over")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep's own keys")
-    return parser.parse_args(argv)
+@contextlib.contextmanager
+def environ_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Set the variables of ``values`` that are not set already; remove them again on leaving.
+
+    For settings that Ray and the trackers read only from the environment, scoped to the
+    code that needs them (the process, a Ray worker, may run other work afterwards).
+    """
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 # --- which keys the driver's data preparation reads ---------------------------------------------
@@ -249,7 +263,8 @@ def run_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[str, 
     from jobs.trainer import build_trainer
 
     cfg, ref, streamed = _start_trial(config, job, shared, sweep_name, train_storage)
-    build_trainer(cfg, ref, callbacks=[TuneReportCallback()], streamed=streamed).fit()
+    with environ_defaults(WORKER_START_TIMEOUT):
+        build_trainer(cfg, ref, callbacks=[TuneReportCallback()], streamed=streamed).fit()
 
 
 def _start_trial(config: dict[str, Any], job: dict[str, Any], shared: dict[str, Any], sweep_name: str,
@@ -261,8 +276,6 @@ def _start_trial(config: dict[str, Any], job: dict[str, Any], shared: dict[str, 
     from jobs.train import load_data, prepare_payload
     from jobs.trainer import training_inputs
 
-    # A trial may wait for the workers of one that ASHA just stopped to be torn down.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     # The trial id is stable across Tuner.restore, so a restarted trial resumes its Train run.
     cfg = trial_job(job, config, f"{sweep_name}-{tune.get_context().get_trial_id()}", train_storage)
     if "payload" in shared:
@@ -308,8 +321,9 @@ def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[s
         origin = json.dumps([sorted(config.items()), getattr(checkpoint, "path", None)], default=str)
         digest = hashlib.sha1(origin.encode()).hexdigest()[:8]
         segment = cfg.model_copy(update={"name": f"{cfg.name}-e{start:03d}-{digest}"})
-        result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop,
-                               streamed=streamed).fit()
+        with environ_defaults(WORKER_START_TIMEOUT):
+            result = build_trainer(segment, ref, init_checkpoint=checkpoint, stop_after_epoch=stop,
+                                   streamed=streamed).fit()
         checkpoint = result.checkpoint
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         metrics["checkpoint_path"] = checkpoint.path
@@ -319,10 +333,10 @@ def run_pbt_trial(config: dict[str, Any], *, job: dict[str, Any], shared: dict[s
 
 def _absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(job)
-    defaults = parse_config(data).dump()
+    cfg = parse_config(data)
     for key in PATH_KEYS:
         section, _, leaf = key.partition(".")
-        value = defaults.get(section, {}).get(leaf) if isinstance(defaults.get(section), dict) else None
+        value = getattr(getattr(cfg, section), leaf)
         if isinstance(value, str) and "://" not in value:
             set_dotted(data, key, str(Path(value).resolve()))
     return data
@@ -340,31 +354,32 @@ def _test_top1(metrics: dict[str, Any]) -> float | None:
 
 
 def collect_records(results: Any, space_keys: list[str]) -> list[TrialRecord]:
-    """Tune's result grid as :class:`TrialRecord` s, in trial-creation order."""
-    trials = {t.trial_id: t for t in results._experiment_analysis.trials}
+    """Tune's result grid as :class:`TrialRecord` s, in trial-creation order.
+
+    A finished ``tuner.fit()`` leaves every trial terminated or errored (a trial ASHA stopped
+    is terminated), so a result's status is whether it has an error.
+    """
     records = []
     for result in results:
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        trial = trials.get(trial_id)
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         records.append(TrialRecord(
-            trial_id=str(trial_id),
+            trial_id=str(metrics.get("trial_id") or Path(result.path).name),
             params={k: result.config.get(k) for k in space_keys},
             metrics=metrics,
             epochs=int(metrics.get(TIME_ATTR, 0) or 0),
-            status=trial.status if trial is not None else ("ERROR" if result.error else "TERMINATED"),
+            status="ERROR" if result.error else "TERMINATED",
             test_top1=_test_top1(metrics),
             error=str(result.error).splitlines()[0] if result.error else None,
             history=history,
         ))
-    # Creation order (the experiment tag starts with the trial's number), which a restore keeps.
-    def number(trial_id: str) -> tuple[int, str]:
-        tag = str(getattr(trials.get(trial_id), "experiment_tag", "") or "")
-        head = re.match(r"\d+", tag)  # "3_train.lr=0.1", or "3@perturbed[...]" under PBT
-        return (int(head.group()) if head else len(trials) + 1, trial_id)
+    # Creation order: Tune adds the trial's experiment tag, which starts with its number, to every
+    # result ("3_train.lr=0.1", or "3@perturbed[...]" under PBT); a restore keeps it.
+    def number(record: TrialRecord) -> tuple[int, str]:
+        head = re.match(r"\d+", str(record.metrics.get("experiment_tag") or ""))
+        return (int(head.group()) if head else len(records) + 1, record.trial_id)
 
-    return sorted(records, key=lambda r: number(r.trial_id))
+    return sorted(records, key=number)
 
 
 def _check_same_sweep(sweep: SweepConfig, stored: Path) -> None:
@@ -375,6 +390,14 @@ def _check_same_sweep(sweep: SweepConfig, stored: Path) -> None:
         changed = sorted(k for k in set(old) | set(sweep.dump()) if old.get(k) != sweep.dump().get(k))
         raise SweepConfigError(f"sweep {sweep.name!r} exists in {stored.parent} with a different config "
                                f"({', '.join(changed)}); pick a new name, or pass --fresh to start over")
+
+
+def _load_sweep(args: argparse.Namespace) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep and its base job; an existing sweep of the name must have the same config, unless ``--fresh``."""
+    sweep, job = load_sweep(args.config, args.overrides)
+    if not args.fresh:
+        _check_same_sweep(sweep, sweep.sweep_dir / SWEEP_FILE)
+    return sweep, job
 
 
 def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -> dict[str, Any]:
@@ -421,9 +444,6 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
 
     common = {"job": job_abs, "shared": shared, "sweep_name": sweep.name, "train_storage": f"{storage}/train"}
     if sweep.scheduler.kind == "pbt":
-        random.seed(sweep.seed)  # PBT draws whom to clone and how to perturb from Python's `random`
-        # Tune suggests reusing actors with `reset_config`; a trial here is a Train run, not a Trainable.
-        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         function = tune.with_parameters(run_pbt_trial, interval=sweep.scheduler.perturbation_interval, **common)
     else:
         function = tune.with_parameters(run_trial, **common)
@@ -446,13 +466,33 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], *, fresh: bool = False) -
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       callbacks=tune_logger_callbacks(base_cfg.run.loggers, sweep_dir, sweep.name)),
         )
-    results = tuner.fit()
+    with while_tuning(sweep, base_cfg.run.loggers, sweep_dir):
+        results = tuner.fit()
     records = collect_records(results, list(sweep.space))
     outputs = write_outputs(sweep, job, records, sweep_dir, experiment)
     outputs.update({"dir": str(sweep_dir.resolve()), "storage": experiment, "restored": restored,
                     "shared_payload": not touched, "seconds": round(time.perf_counter() - t0, 2)})
     atomic_write_text(sweep_dir / "result.json", json.dumps(outputs, indent=2, default=str))
     return outputs
+
+
+@contextlib.contextmanager
+def while_tuning(sweep: SweepConfig, loggers: list[str], log_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """The process-global settings Tune reads, set while ``tuner.fit()`` runs and restored after.
+
+    The trackers' environment (:func:`tracking_environ`); under PBT, Python's ``random``
+    seeded (PBT draws whom to clone and how to perturb from it, and takes no seed) and
+    Tune's advice to reuse actors silenced (a trial here is a Train run, not a Trainable).
+    """
+    state = random.getstate()
+    with environ_defaults(tracking_environ(loggers, log_dir)), warnings.catch_warnings():
+        if sweep.scheduler.kind == "pbt":
+            random.seed(sweep.seed)
+            warnings.filterwarnings("ignore", message=PBT_ACTOR_REUSE_WARNING)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def tune_logger_callbacks(names: list[str], log_dir: str | os.PathLike[str], experiment: str) -> list[Any]:
@@ -462,7 +502,8 @@ def tune_logger_callbacks(names: list[str], log_dir: str | os.PathLike[str], exp
     storage path); ``wandb``: ``WandbLoggerCallback``, offline unless ``WANDB_MODE`` says
     otherwise, into ``<log_dir>/wandb``, grouped by sweep; ``mlflow``:
     ``MLflowLoggerCallback`` into ``MLFLOW_TRACKING_URI`` or the file store
-    ``<log_dir>/mlruns``, one experiment per sweep.
+    ``<log_dir>/mlruns``, one experiment per sweep. Both need :func:`tracking_environ`
+    set while Tune runs.
     """
     from polyclip.tracking import LOGGER_NAMES, mlflow_tracking_uri
 
@@ -477,18 +518,30 @@ def tune_logger_callbacks(names: list[str], log_dir: str | os.PathLike[str], exp
     if "wandb" in names:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        os.environ.setdefault("WANDB_MODE", "offline")  # Ray asks for an API key unless W&B is offline
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "polyclip"), group=experiment,
-                                             mode=os.environ["WANDB_MODE"], dir=str(Path(log_dir).resolve())))
+                                             mode=os.environ.get("WANDB_MODE", WANDB_MODE),
+                                             dir=str(Path(log_dir).resolve())))
     if "mlflow" in names:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        uri = mlflow_tracking_uri(log_dir)
-        if uri.startswith("file:"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it
-        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment))
+        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_tracking_uri(log_dir), experiment_name=experiment))
     return callbacks
+
+
+def tracking_environ(names: list[str], log_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """The environment :func:`tune_logger_callbacks` needs while Tune runs (defaults only: a set variable wins).
+
+    W&B offline (Ray asks for an API key otherwise); MLflow's file store allowed (MLflow 3 asks for it).
+    """
+    from polyclip.tracking import mlflow_tracking_uri
+
+    env = {}
+    if "wandb" in names:
+        env["WANDB_MODE"] = WANDB_MODE
+    if "mlflow" in names and mlflow_tracking_uri(log_dir).startswith("file:"):
+        env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    return env
 
 
 def pbt_perturbations(experiment: str) -> list[dict[str, Any]]:
@@ -544,15 +597,10 @@ def write_outputs(sweep: SweepConfig, job: dict[str, Any], records: list[TrialRe
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the sweep's outputs (callable from tests)."""
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        sweep, job = load_sweep(args.config, args.overrides)
-        if not args.fresh:
-            _check_same_sweep(sweep, sweep.sweep_dir / SWEEP_FILE)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    init_ray(args.address)
+    parser = job_parser("python -m jobs.sweep", __doc__, config_help="sweep YAML (see jobs/configs/sweeps/)",
+                        overrides_help="key=value overrides of the sweep's own keys")
+    parser.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name and start over")
+    args, (sweep, job) = start_job(parser, argv, _load_sweep, connect=init_ray)
     outputs = run_sweep(sweep, job, fresh=args.fresh)
     print(markdown_table(outputs["trials"], columns=[c for c in outputs["trials"][0] if c != "error"]))
     print(f"best: {outputs['best']['params']} -> {outputs['best']['metrics']}")

@@ -27,10 +27,19 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from jobs.config import ConfigError, apply_overrides, parse_config
+from jobs.config import parse_config
+from jobs.config_base import (
+    ConfigError,
+    SafeName,
+    StrictModel,
+    apply_overrides,
+    get_dotted,
+    read_yaml_mapping,
+    set_dotted,
+    validate,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,11 +57,7 @@ class SweepConfigError(ConfigError):
     """A sweep config is invalid; the message names the bad key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ParamSpace(_Strict):
+class ParamSpace(StrictModel):
     """One searched key: ``uniform``/``loguniform``/``int`` over ``[low, high]``, or ``choice`` of ``values``."""
 
     type: Literal["uniform", "loguniform", "int", "choice"]
@@ -102,7 +107,7 @@ class ParamSpace(_Strict):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
-class AshaScheduler(_Strict):
+class AshaScheduler(StrictModel):
     """Asynchronous successive halving (Li et al. 2020) on the epoch counter."""
 
     kind: Literal["asha"] = "asha"
@@ -112,7 +117,7 @@ class AshaScheduler(_Strict):
     brackets: int = Field(1, ge=1)
 
 
-class PbtScheduler(_Strict):
+class PbtScheduler(StrictModel):
     """Population Based Training (Jaderberg et al. 2017): copy the best, perturb the params."""
 
     kind: Literal["pbt"] = "pbt"
@@ -122,7 +127,7 @@ class PbtScheduler(_Strict):
     resample_probability: float = Field(0.25, ge=0, le=1)
 
 
-class NoScheduler(_Strict):
+class NoScheduler(StrictModel):
     """Every trial runs to the end."""
 
     kind: Literal["none"] = "none"
@@ -131,7 +136,7 @@ class NoScheduler(_Strict):
 SchedulerConfig = Annotated[AshaScheduler | PbtScheduler | NoScheduler, Field(discriminator="kind")]
 
 
-class TrialResources(_Strict):
+class TrialResources(StrictModel):
     """What each trial asks for; ``None`` keeps the base config's ``scaling`` value."""
 
     num_workers: int | None = Field(None, gt=0)
@@ -140,10 +145,10 @@ class TrialResources(_Strict):
     driver_cpus: float = Field(0.0, ge=0, description="CPUs of the Tune function itself (it only waits)")
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """A whole sweep (see the module docstring for an example)."""
 
-    name: str
+    name: SafeName
     base: str = Field(..., description="the base job YAML (absolute, or relative to the cwd or the project root)")
     overrides: list[str] = Field(default_factory=list, description="dotted key=value fixed for every trial")
     space: dict[str, ParamSpace] = Field(..., min_length=1)
@@ -160,13 +165,6 @@ class SweepConfig(_Strict):
     output_dir: str = "runs/sweeps"
     storage_path: str | None = Field(None, description="local dir or s3://...; default <output_dir>/<name>/ray")
     seed: int = 0
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a non-empty folder name without slashes or spaces")
-        return value
 
     @model_validator(mode="after")
     def _objectives(self) -> SweepConfig:
@@ -209,30 +207,8 @@ class SweepConfig(_Strict):
         return str(Path(self.storage_path).resolve())
 
     def dump(self) -> dict[str, Any]:
+        """Plain dict without the unset optional keys (what ``sweep.yaml`` holds)."""
         return self.model_dump(mode="json", exclude_none=True)
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``data["a"]["b"]["c"] = value`` for ``key="a.b.c"``, creating sections as needed.
-
-    Raises:
-        SweepConfigError: A part of the key holds a value, not a section.
-    """
-    node = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SweepConfigError(f"space key {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def get_dotted(data: dict[str, Any], key: str) -> Any:
-    node: Any = data
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def resolve_base_path(base: str, sweep_file: Path | None = None) -> Path:
@@ -246,48 +222,25 @@ def resolve_base_path(base: str, sweep_file: Path | None = None) -> Path:
     raise SweepConfigError(f"base config {base!r} not found (looked in: {', '.join(map(str, candidates))})")
 
 
-def _format(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        if loc and loc[0] == "space" and len(loc) > 1:
-            where = f"space key {loc[1]!r}" + (f" ({'.'.join(map(str, loc[2:]))})" if len(loc) > 2 else "")
-        else:
-            where = ".".join(map(str, loc)) or "<root>"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{where}: {message}")
-    return "invalid sweep config:\n  " + "\n  ".join(lines)
-
-
 def parse_sweep(data: dict[str, Any]) -> SweepConfig:
     """Validate a sweep dict on its own (not yet against its base job).
 
     Raises:
         SweepConfigError: Naming each bad key.
     """
-    try:
-        return SweepConfig.model_validate(data)
-    except ValidationError as exc:
-        raise SweepConfigError(_format(exc)) from None
+    return validate(SweepConfig, data, "invalid sweep config", SweepConfigError)
 
 
 def base_job_data(sweep: SweepConfig, base_path: Path) -> dict[str, Any]:
     """The base job as a dict: its YAML, the sweep's fixed overrides and trial resources applied."""
-    data = yaml.safe_load(base_path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SweepConfigError(f"base config {base_path}: top level must be a mapping")
     try:
+        data = read_yaml_mapping(base_path, "base config")
         apply_overrides(data, list(sweep.overrides))
-    except ConfigError as exc:
-        raise SweepConfigError(f"overrides: {exc}") from None
-    res = sweep.resources
-    for key, value in (("num_workers", res.num_workers), ("cpus_per_worker", res.cpus_per_worker),
-                       ("use_gpu", res.use_gpu)):
-        if value is not None:
-            set_dotted(data, f"scaling.{key}", value)
-    try:
+        res = sweep.resources
+        for key, value in (("num_workers", res.num_workers), ("cpus_per_worker", res.cpus_per_worker),
+                           ("use_gpu", res.use_gpu)):
+            if value is not None:
+                set_dotted(data, f"scaling.{key}", value)
         parse_config(data)
     except ConfigError as exc:
         raise SweepConfigError(f"base config {base_path} with the sweep's overrides: {exc}") from None
@@ -305,8 +258,8 @@ def validate_space(sweep: SweepConfig, base: dict[str, Any]) -> None:
             raise SweepConfigError(f"space key {key!r} cannot be searched (run names and paths are fixed)")
         for value in space.probe_values():
             data = copy.deepcopy(base)
-            set_dotted(data, key, value)
             try:
+                set_dotted(data, key, value)
                 cfg = parse_config(data)
             except ConfigError as exc:
                 raise SweepConfigError(f"space key {key!r}: the job rejects {value!r}: {exc}") from None
@@ -319,9 +272,9 @@ def validate_space(sweep: SweepConfig, base: dict[str, Any]) -> None:
             raise SweepConfigError(f"points_to_evaluate[{i}]: keys {unknown} are not in the space "
                                    f"({', '.join(sweep.space)})")
         data = copy.deepcopy(base)
-        for key, value in point.items():
-            set_dotted(data, key, value)
         try:
+            for key, value in point.items():
+                set_dotted(data, key, value)
             parse_config(data)
         except ConfigError as exc:
             raise SweepConfigError(f"points_to_evaluate[{i}]: the job rejects it: {exc}") from None
@@ -338,16 +291,8 @@ def load_sweep(path: str | os.PathLike[str], overrides: list[str] | None = None
         SweepConfigError: Missing files, bad YAML, invalid keys or values, naming the key.
     """
     file = Path(path)
-    if not file.is_file():
-        raise SweepConfigError(f"sweep config {file} does not exist")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepConfigError(f"{file}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SweepConfigError(f"{file}: top level must be a mapping")
-    try:
-        apply_overrides(data, overrides or [])
+        data = apply_overrides(read_yaml_mapping(file, "sweep config"), overrides or [])
     except ConfigError as exc:
         raise SweepConfigError(str(exc)) from None
     sweep = parse_sweep(data)

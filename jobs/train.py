@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jobs.cli import job_parser, start_job
 from jobs.config import ConfigError, DataConfig, JobConfig, load_config
 from jobs.features import cached_features
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.recipes.base import Payload
-from jobs.runtime import init_ray, setup_logging
+from jobs.runtime import init_ray
 from jobs.semantics import label_similarity_for, semantic_metrics
 from jobs.sources import SourceDataset, is_source_spec, load_source_data
 from polyclip.data.datasets import Dataset, load_dataset
@@ -43,13 +44,11 @@ logger = logging.getLogger("polyclip")
 RESUMABLE_KEYS = ("train.epochs", "run", "scaling")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML job config")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    return parser.parse_args(argv)
+def _load_resumable(args: argparse.Namespace) -> JobConfig:
+    """The job's config; a changed config for an existing run is refused here, before Ray starts."""
+    cfg = load_config(args.config, args.overrides)
+    check_resumable(cfg)
+    return cfg
 
 
 def load_data(cfg: JobConfig, run_dir: Path | None = None) -> tuple[Dataset, Split]:
@@ -328,14 +327,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the run's metrics (callable from tests)."""
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_resumable(cfg)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    init_ray(args.address)
+    _, cfg = start_job(job_parser("python -m jobs.train", __doc__), argv, _load_resumable, connect=init_ray)
     metrics = run_job(cfg)
     print(markdown_table([summary_row(metrics)]))
     print(f"run directory: {Path(cfg.run_dir).resolve()}")

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jobs.cli import job_parser, start_job
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.recipes.clip_zeroshot import build_head, zero_shot_scores
-from jobs.runtime import init_ray, setup_logging
+from jobs.runtime import init_ray
 from jobs.train import load_data, prepare_payload
 from polyclip.backbones import create_backbone
 from polyclip.io import atomic_save_npz, atomic_write_text
@@ -79,23 +80,20 @@ def run_eval(cfg: JobConfig) -> dict[str, Any]:
                             train_labels=np.zeros(0, dtype=np.int64), history=[], extra=extra)
 
 
+def _load_clip_zeroshot(args: argparse.Namespace) -> JobConfig:
+    """The config; any method other than clip_zeroshot is refused (it trains: jobs.train runs it)."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.method.name != "clip_zeroshot":
+        raise ConfigError(f"jobs.zeroshot_eval runs method clip_zeroshot, the config has {cfg.method.name!r}; "
+                          "train other methods with python -m jobs.train")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the run's metrics (callable from tests)."""
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m jobs.zeroshot_eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML job config with method.name: clip_zeroshot")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or a local instance)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if cfg.method.name != "clip_zeroshot":
-        raise SystemExit(f"error: jobs.zeroshot_eval runs method clip_zeroshot, the config has {cfg.method.name!r}; "
-                         "train other methods with python -m jobs.train")
-    init_ray(args.address)
+    parser = job_parser("python -m jobs.zeroshot_eval", __doc__,
+                        config_help="YAML job config with method.name: clip_zeroshot")
+    _, cfg = start_job(parser, argv, _load_clip_zeroshot, connect=init_ray)
     metrics = run_eval(cfg)
     print(markdown_table([summary_row(metrics)]))
     if "zero_shot" in metrics:

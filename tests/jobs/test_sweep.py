@@ -147,6 +147,51 @@ def test_space_keys_read_by_data_preparation():
     assert sweep_job.keys_touching(["method.hidden"], {"method"}) == ["method.hidden"]
 
 
+def test_sweep_settings_of_the_process_are_scoped_and_restored(tmp_path, monkeypatch):
+    import os
+    import random
+    import warnings
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    with sweep_job.environ_defaults({**sweep_job.WORKER_START_TIMEOUT, "WANDB_MODE": "offline"}):
+        assert os.environ["WANDB_MODE"] == "offline"
+        assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "5"  # a value set by the user wins
+    assert "WANDB_MODE" not in os.environ and os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "5"
+
+    sweep, _ = load_sweep(_write(tmp_path, scheduler={"kind": "pbt", "perturbation_interval": 1},
+                                 overrides=["train.epochs=3"]))
+    random.seed(123)
+    expected_next = random.Random(123).random()
+    filters = list(warnings.filters)
+    with sweep_job.while_tuning(sweep, ["wandb"], tmp_path):
+        assert random.random() == random.Random(sweep.seed).random()  # PBT's draws are seeded
+        assert os.environ["WANDB_MODE"] == "offline"
+        action, message, *_ = warnings.filters[0]
+        assert action == "ignore" and message.match(sweep_job.PBT_ACTOR_REUSE_WARNING + " by enabling")
+    assert random.random() == expected_next and warnings.filters == filters and "WANDB_MODE" not in os.environ
+
+
+def test_records_come_from_public_results_in_creation_order():
+    import pandas as pd
+
+    class Result:  # what ray.tune.Result offers: metrics, config, path, error, metrics_dataframe
+        def __init__(self, trial_id, tag, error=None):
+            self.metrics = {"trial_id": trial_id, "experiment_tag": tag, "epoch": 2, "val_acc": 0.5}
+            self.config = {"train.lr": 0.1, "other": 1}
+            self.path = f"/storage/s/run_trial_{trial_id}"
+            self.error = error
+            self.metrics_dataframe = pd.DataFrame([{"epoch": 1}, {"epoch": 2}])
+
+    results = [Result("b", "10_train.lr=0.1"), Result("a", "2@perturbed[train.lr=0.2]"),
+               Result("c", "3_train.lr=0.3", error=RuntimeError("worker died\ntraceback"))]
+    records = sweep_job.collect_records(results, ["train.lr"])
+    assert [r.trial_id for r in records] == ["a", "c", "b"]
+    assert [r.status for r in records] == ["TERMINATED", "ERROR", "TERMINATED"]
+    assert records[1].error == "worker died" and records[0].params == {"train.lr": 0.1}
+    assert records[0].history == [{"epoch": 1}, {"epoch": 2}] and records[0].epochs == 2
+
+
 # Opt-in: two 3-trial sweeps take 70-110 s on 2 cores, which would add a third to the default
 # suite; the unit tests above (space validation, payload sharing, reports) run by default.
 @pytest.mark.slow
