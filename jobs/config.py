@@ -118,7 +118,7 @@ class RunSection(StrictModel):
     output_dir: str = "runs"
     storage_path: str | None = Field(
         None, description="Ray storage (local dir, NFS or s3://...); default <output_dir>/<name>/ray")
-    cache_dir: str | None = Field(
+    feature_store: str | None = Field(
         None, description="feature store root (local dir, NFS or s3://...); default <storage_path>/features")
     max_failures: int = Field(2, ge=-1)
     num_checkpoints: int = Field(2, gt=0)
@@ -126,12 +126,21 @@ class RunSection(StrictModel):
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers for every training run")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cache_dir" in data:
+            raise ValueError(f"run.cache_dir is now run.feature_store (the same folder of feature shards); "
+                             f"set run.feature_store: {data['cache_dir']!r}")
+        return data
+
 
 class WordVectorsSection(StrictModel):
     """Word vectors for label semantics (CES, DeViSE, semantic error metrics)."""
 
     source: str = "glove-6b-50d"
-    head_word: bool = False
+    head_word: bool = Field(True, description="keep the last word of each label alternative, as the CES paper "
+                            "does ('brain coral' -> 'coral'); false: average the vectors of every word")
     overrides: dict[str, str] = Field(default_factory=dict)
 
 
@@ -191,8 +200,8 @@ class JobConfig(StrictModel):
         if self.run.storage_path is None:
             # Inside the run folder, so deleting a run also deletes its resumable state.
             object.__setattr__(self.run, "storage_path", str(Path(self.run.output_dir, self.name, "ray").resolve()))
-        if self.run.cache_dir is None:
-            object.__setattr__(self.run, "cache_dir", self.run.storage_path.rstrip("/") + "/features")
+        if self.run.feature_store is None:
+            object.__setattr__(self.run, "feature_store", self.run.storage_path.rstrip("/") + "/features")
         return self
 
     @property

@@ -24,7 +24,7 @@ echo "== submitting $CONFIG (run $NAME) to $ADDRESS"
 # The job runs in an unpacked copy of the working dir: point outputs and the feature
 # cache at this checkout so the results (and the cache) outlive the job.
 ray job submit --address "$ADDRESS" --working-dir . --runtime-env cluster/runtime_env.yaml \
-    -- python -m jobs.train --config "$CONFIG" "run.output_dir=$PWD/runs" "run.cache_dir=$PWD/.cache/features"
+    -- python -m jobs.train --config "$CONFIG" "run.output_dir=$PWD/runs" "run.feature_store=$PWD/.cache/features"
 
 echo
 echo "== results (runs/$NAME/report.md)"
@@ -38,7 +38,7 @@ ENAME=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['nam
 echo
 echo "== submitting the ensemble job $ENSEMBLE_CONFIG (run $ENAME)"
 ray job submit --address "$ADDRESS" --working-dir . --runtime-env cluster/runtime_env.yaml \
-    -- python -m jobs.ensemble --config "$ENSEMBLE_CONFIG" "run.output_dir=$PWD/runs" "run.cache_dir=$PWD/.cache/features"
+    -- python -m jobs.ensemble --config "$ENSEMBLE_CONFIG" "run.output_dir=$PWD/runs" "run.feature_store=$PWD/.cache/features"
 echo
 echo "== ensemble results (runs/$ENAME/ensemble.md)"
 sed -n '1,/^Mean backbone weight/p' "runs/$ENAME/ensemble.md" | head -n -1

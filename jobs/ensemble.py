@@ -110,7 +110,7 @@ class EnsembleRunConfig(StrictModel):
     """Where results and the feature cache go."""
 
     output_dir: str = "runs"
-    cache_dir: str = ".cache/features"
+    feature_store: str = Field(".cache/features", description="feature store root (local dir, NFS or s3://...)")
     encode_workers: int = Field(2, gt=0, description="parallel Ray actors for feature caching")
 
 
@@ -198,7 +198,7 @@ def run_ensemble(cfg: EnsembleJobConfig) -> dict[str, Any]:
     split.save(run_dir / "split.json")
     logger.info("%s: %d classes, %d labeled, %d val, %d test images; %d backbones", dataset.spec,
                 dataset.num_classes, len(split.labeled), len(split.val), len(split.test), len(cfg.backbones))
-    cache = FeatureCache(cfg.run.cache_dir)
+    cache = FeatureCache(cfg.run.feature_store)
     stats: dict[str, Any] = {}
     feats: dict[str, dict[str, np.ndarray]] = {"labeled": {}, "val": {}, "test": {}}
     infos: dict[str, BackboneInfo] = {}

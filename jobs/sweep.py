@@ -77,7 +77,7 @@ logger = logging.getLogger("polyclip")
 
 SWEEP_FILE = "sweep.yaml"
 #: Job keys that hold paths: made absolute, since Tune runs each trial in its own folder.
-PATH_KEYS = ("run.output_dir", "run.cache_dir", "data.root")
+PATH_KEYS = ("run.output_dir", "run.feature_store", "data.root")
 #: What Tune counts trials' progress in (the job reports its epoch; robust to restarts).
 TIME_ATTR = "epoch"
 #: Memory (bytes) a CPU-free trial function reserves, so that Tune accepts its resource request.
@@ -395,6 +395,9 @@ def _check_same_sweep(sweep: SweepConfig, stored: Path) -> None:
 def _load_sweep(args: argparse.Namespace) -> tuple[SweepConfig, dict[str, Any]]:
     """The sweep and its base job; an existing sweep of the name must have the same config, unless ``--fresh``."""
     sweep, job = load_sweep(args.config, args.overrides)
+    from jobs.train import check_trainable
+
+    check_trainable(parse_config(job))  # an evaluation-only method has nothing to sweep
     if not args.fresh:
         _check_same_sweep(sweep, sweep.sweep_dir / SWEEP_FILE)
     return sweep, job

@@ -47,6 +47,7 @@ RESUMABLE_KEYS = ("train.epochs", "run", "scaling")
 def _load_resumable(args: argparse.Namespace) -> JobConfig:
     """The job's config; a changed config for an existing run is refused here, before Ray starts."""
     cfg = load_config(args.config, args.overrides)
+    check_trainable(cfg)
     check_resumable(cfg)
     return cfg
 
@@ -100,7 +101,7 @@ def prepare_payload(cfg: JobConfig, dataset: Dataset, split: Split, stats: dict[
         use_gpu: Encode features on GPU actors (the job's device decision); ``None``: if
             the cluster has GPUs now.
     """
-    cache = FeatureCache(cfg.run.cache_dir)
+    cache = FeatureCache(cfg.run.feature_store)
 
     def features(spec: str, image_size: int | None, subset: str) -> np.ndarray:
         if subset == "unlabeled" and isinstance(dataset, SourceDataset):
@@ -157,7 +158,7 @@ def encode_pool(cfg: JobConfig, dataset: SourceDataset, split: Split, spec: str,
     from polyclip.features.cache import describe, feature_key
     from polyclip.features.store import FeatureStore
 
-    store = FeatureStore(cfg.run.cache_dir)
+    store = FeatureStore(cfg.run.feature_store)
     rows = dataset.pool_size(split)
     probe = create_backbone(spec, image_size=image_size)
     key = feature_key(cache_identity(spec), probe.preprocessing.key(), dataset.fingerprint, "pool",

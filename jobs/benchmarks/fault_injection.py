@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = out_dir("fault_injection")
     overrides = [f"train.epochs={args.epochs}", f"run.max_failures={args.kills}", f"data.dataset={args.dataset}",
                  f"data.test_limit={args.test_limit}",
-                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+                 f"run.output_dir={out / 'runs'}", f"run.feature_store={out / 'cache'}"]
     start_local_ray(2)
     faulty = run("killed", overrides, args.kills, random.Random(args.seed))
     clean = run("clean", overrides, 0, random.Random(args.seed))

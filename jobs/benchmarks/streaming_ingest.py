@@ -121,7 +121,7 @@ def run_once(tree: Path, photos: Path, size: int, out: Path, label: str) -> dict
     overrides = [f"name=ingest-{label}-{size}", f"data.dataset=imagefolder:{photos}", "data.image_size=224",
                  "data.labels_per_class=4", "data.val_per_class=4", "data.test_limit=40", "data.unlabeled=null",
                  "train.epochs=1", "train.steps_per_epoch=3", "train.batch_size=8", "method.mu=7",
-                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}"]
+                 f"run.output_dir={out / 'runs'}", f"run.feature_store={out / 'cache'}"]
     env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     tic = time.perf_counter()
@@ -153,7 +153,7 @@ def throughput_once(tree: Path, workers: int, out: Path, label: str, steps: int,
     overrides = [f"name=tput-{label}-{workers}-{time.time_ns()}", "data.unlabeled=20000", "train.epochs=3",
                  f"train.steps_per_epoch={steps}", "train.eval_every=3", "train.batch_size=16", "method.mu=7",
                  f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "data.test_limit=500",
-                 f"run.output_dir={out / 'runs'}", f"run.cache_dir={out / 'cache'}", *extra]
+                 f"run.output_dir={out / 'runs'}", f"run.feature_store={out / 'cache'}", *extra]
     env = {**os.environ, "PYTHONPATH": f"{tree / 'library'}:{tree}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     for _ in range(3):  # on a loaded machine the raylet can miss Ray's fixed start-up window: start again

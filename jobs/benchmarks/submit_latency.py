@@ -98,7 +98,7 @@ def submit_once(r: int, client: Any, address: str, client_env: dict[str, str], w
     """Submit one job with the CLI and wait for it: its timing row, or (a failed job) its failure."""
     job_id = f"latency-{r}-{int(time.time())}"
     entry = ["python", "-m", "jobs.train", "--config", args.config, f"name=latency-{r}", "train.epochs=1",
-             f"run.output_dir={work / 'runs'}", f"run.cache_dir={work / 'cache'}"]
+             f"run.output_dir={work / 'runs'}", f"run.feature_store={work / 'cache'}"]
     load = os.getloadavg()[0]
     t_submit = time.time()
     cli = subprocess.run([str(RAY), "job", "submit", "--address", address, "--no-wait", "--submission-id",

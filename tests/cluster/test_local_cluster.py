@@ -141,7 +141,7 @@ def test_up_submit_with_and_without_token_down(tmp_path: Path):
         job = _ray_job(["submit", "--address", address, "--submission-id", train_id, "--working-dir", ".",
                         "--runtime-env", "cluster/runtime_env.yaml", "--",
                         "python", "-m", "jobs.train", "--config", "jobs/configs/smoke_probe.yaml",
-                        f"run.output_dir={runs}", f"run.cache_dir={tmp_path / 'cache'}", "scaling.num_workers=1",
+                        f"run.output_dir={runs}", f"run.feature_store={tmp_path / 'cache'}", "scaling.num_workers=1",
                         "train.epochs=2"], with_token, timeout=420)
         assert job.returncode == 0, job.stdout + job.stderr
         assert "succeeded" in job.stdout

@@ -67,11 +67,13 @@ def test_config_dump_round_trips():
 
 def test_feature_store_defaults_to_the_storage_path():
     cfg = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"storage_path": "s3://bucket/polyclip"}})
-    assert cfg.run.cache_dir == "s3://bucket/polyclip/features"
+    assert cfg.run.feature_store == "s3://bucket/polyclip/features"
     local = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"output_dir": "/data/runs"}})
-    assert local.run.cache_dir == "/data/runs/r/ray/features"
-    explicit = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"cache_dir": "/nfs/features"}})
-    assert explicit.run.cache_dir == "/nfs/features"
+    assert local.run.feature_store == "/data/runs/r/ray/features"
+    explicit = parse_config({"name": "r", "method": {"name": "probe"}, "run": {"feature_store": "/nfs/features"}})
+    assert explicit.run.feature_store == "/nfs/features"
+    with pytest.raises(ConfigError, match=r"run\.cache_dir is now run\.feature_store.*'/nfs/features'"):
+        parse_config({"name": "r", "method": {"name": "probe"}, "run": {"cache_dir": "/nfs/features"}})
 
 
 def test_relative_outputs_of_a_submitted_job_outlive_its_working_dir(monkeypatch, tmp_path):

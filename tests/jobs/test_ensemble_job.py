@@ -79,7 +79,7 @@ def test_ensemble_job_end_to_end(ray_cluster, tmp_path):
     config.write_text(yaml.safe_dump({**TINY, "backbones": [{"spec": "pixels"},
                                                            {"spec": f"checkpoint:{tmp_path / 'cnn'}", "name": "cnn"}]}))
     metrics = ensemble_job.main(["--config", str(config), f"run.output_dir={tmp_path}",
-                                 f"run.cache_dir={tmp_path / 'cache'}"])
+                                 f"run.feature_store={tmp_path / 'cache'}"])
     run_dir = tmp_path / "tiny-ensemble"
     for name in ("config.yaml", "split.json", "metrics.json", "ensemble.md", "ensemble_accuracy.png", "cascade.png",
                  "ensemble/ensemble.json", "ensemble/heads.safetensors", "ensemble/combiner.safetensors"):

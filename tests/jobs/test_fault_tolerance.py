@@ -29,7 +29,7 @@ CONFIG = str(ROOT / "jobs" / "configs" / "fault_injection.yaml")
 @pytest.mark.timeout(1800)
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     """SIGKILL the Ray Train worker half an epoch after Ray registered the epoch-2 checkpoint."""
-    overrides = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"run.output_dir={tmp_path}", f"run.feature_store={tmp_path / 'cache'}"]
     cfg = load_config(CONFIG, overrides)
     killer = WorkerKiller(Path(str(cfg.run.storage_path)) / cfg.name, kills=1, min_epochs=2, timeout=1200)
     killer.start()

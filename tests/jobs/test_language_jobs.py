@@ -113,7 +113,7 @@ def test_comparison_table_files(tmp_path):
 def test_ces_job_writes_semantic_metrics(ray_cluster, tmp_path):
     """One e2e run: finetune with CES + perturbations on synthetic data, 2 Ray Train workers."""
     metrics = train.main([
-        "--config", str(LANGUAGE / "ces.yaml"), f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}",
+        "--config", str(LANGUAGE / "ces.yaml"), f"run.output_dir={tmp_path}", f"run.feature_store={tmp_path / 'c'}",
         "name=ces-e2e", "data.dataset=synthetic", "data.synthetic_size=300", "data.labels_per_class=10",
         "data.val_per_class=5", "data.test_limit=60", "backbone.spec=random:small_cnn@8", "train.epochs=2",
         "train.batch_size=16", "scaling.num_workers=2",

@@ -91,7 +91,7 @@ def test_strong_augmentation_keys_keep_their_names_into_the_library():
 def test_fixmatch_adaptive_with_teacher_two_workers(ray_cluster, tmp_path):
     overrides = [*TINY, *PIXEL_TEACHER, "method.adaptive_threshold.eps=0.01", "train.epochs=2",
                  "train.steps_per_epoch=2", "train.eval_every=1", "scaling.num_workers=2",
-                 f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}"]
+                 f"run.output_dir={tmp_path}", f"run.feature_store={tmp_path / 'cache'}"]
     metrics = train.main(["--config", str(CONFIGS / "fm40_combined.yaml"), *overrides])
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test"]["top1"] <= 1.0
     last = metrics["history"][-1]

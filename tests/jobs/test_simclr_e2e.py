@@ -27,7 +27,7 @@ CONFIG = {
 def test_simclr_pretraining_job_exports_a_loadable_encoder(ray_cluster, tmp_path):
     path = tmp_path / "simclr.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    metrics = train.main(["--config", str(path), f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}"])
+    metrics = train.main(["--config", str(path), f"run.output_dir={tmp_path}", f"run.feature_store={tmp_path / 'c'}"])
 
     run_dir = tmp_path / "smoke-simclr"
     for name in ("metrics.json", "report.md", "classification_report.txt", "checkpoint/backbone/backbone.json"):

@@ -46,7 +46,7 @@ def _overrides(tmp_path, labeled, pool):
     return [f"data.dataset=imagefolder:{labeled}", f"data.unlabeled_source={pool}", "data.labels_per_class=2",
             "data.val_per_class=2", "data.test_limit=6", "data.image_size=16", "backbone.spec=random:small_cnn@8",
             "train.epochs=1", "train.steps_per_epoch=6", "train.batch_size=4", "train.eval_every=1", "method.mu=2",
-            "data.shuffle_buffer=8", f"run.output_dir={tmp_path / 'runs'}", f"run.cache_dir={tmp_path / 'cache'}"]
+            "data.shuffle_buffer=8", f"run.output_dir={tmp_path / 'runs'}", f"run.feature_store={tmp_path / 'cache'}"]
 
 
 def test_split_is_drawn_from_the_listing_and_corrupt_labeled_files_leave_it(ray_cluster, tmp_path, photo_folders):

@@ -13,7 +13,7 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "smoke_p
 
 @pytest.mark.timeout(400)
 def test_train_two_workers_then_resume(ray_cluster, tmp_path):
-    common = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}", "scaling.num_workers=2"]
+    common = [f"run.output_dir={tmp_path}", f"run.feature_store={tmp_path / 'cache'}", "scaling.num_workers=2"]
     metrics = train.main(["--config", CONFIG, *common, "train.epochs=2"])
     run_dir = tmp_path / "smoke-probe"
     for name in ("config.yaml", "split.json", "metrics.json", "report.md", "confusion.png", "curves.png",

@@ -63,7 +63,7 @@ def test_devise_job_holds_out_unseen_classes(ray_cluster, tmp_path):
         "method": {"name": "devise", "num_unseen": 3, "standardize": True},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.01},
         "scaling": {"num_workers": 2},
-        "run": {"output_dir": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "encode_workers": 1},
+        "run": {"output_dir": str(tmp_path), "feature_store": str(tmp_path / "cache"), "encode_workers": 1},
     }
     path = tmp_path / "devise.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -123,7 +123,7 @@ def test_clip_zeroshot_eval_job_end_to_end(ray_cluster, tmp_path, tiny_clip_chec
         "--config", str(config), "name=clip-e2e", "data.dataset=synthetic", "data.synthetic_size=200",
         "data.test_limit=60", "data.val_per_class=0", f"backbone.spec={spec}", "backbone.image_size=32",
         "method.class_prompts={}", "method.template_set=none", f"run.output_dir={tmp_path}",
-        f"run.cache_dir={tmp_path / 'cache'}", "run.encode_workers=2",
+        f"run.feature_store={tmp_path / 'cache'}", "run.encode_workers=2",
     ])
     run_dir = tmp_path / "clip-e2e"
     for name in ("metrics.json", "report.md", "confusion.png", "predictions.npz", "zero_shot_head.npz"):
