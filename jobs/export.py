@@ -303,9 +303,9 @@ def export_ensemble(folder: str | Path, out: str | Path, *, tolerance: Tolerance
             if info.image_size is None:
                 raise ExportError(f"ensemble member {info.name!r} has no image_size: its encoder cannot be rebuilt")
             in_chans = (info.preprocessing or {}).get("in_chans")
-            random_kind = info.spec.startswith(("random:", "pixels"))
+            # The factory applies the channels only where it builds the architecture from scratch.
             backbone = create_backbone(info.spec, image_size=info.image_size,
-                                       in_chans=int(in_chans) if random_kind and in_chans else None)  # type: ignore[call-overload]
+                                       in_chans=int(in_chans) if in_chans else None)
             prep = backbone.preprocessing
             encoder = EncoderModel(backbone).eval()
             images = torch.rand(2, prep.in_chans, prep.image_size, prep.image_size)

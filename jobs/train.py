@@ -67,11 +67,9 @@ def decode_size(cfg: JobConfig) -> int:
         return cfg.data.image_size
     if cfg.backbone.image_size:
         return cfg.backbone.image_size
-    if cfg.backbone.spec.startswith(("pixels", "random:")):
-        return 64
-    from polyclip.backbones import create_backbone
+    from polyclip.backbones.factory import native_image_size
 
-    return int(create_backbone(cfg.backbone.spec).preprocessing.image_size)
+    return native_image_size(cfg.backbone.spec) or 64
 
 
 def load_split_data(data: DataConfig, seed: int, *, default_image_size: int = 64,

@@ -61,10 +61,10 @@ def make_tasks(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Modu
     from polyclip.methods.fixmatch import FixMatchTask
     from polyclip.methods.pseudo_label import PseudoLabelTask
 
-    in_chans = 1 if args.backbone.startswith(("random:", "pixels")) else None
+    in_chans = 1  # Fashion-MNIST's; the factory keeps a pretrained encoder's own channels
     backbone = create_backbone(args.backbone, in_chans=in_chans)
     size = backbone.preprocessing.image_size
-    chans = in_chans or 3
+    chans = backbone.preprocessing.in_chans
     g = torch.Generator().manual_seed(0)
     b, m = args.batch, args.mu * args.batch
     batch = {"x": torch.randint(0, 256, (b, chans, size, size), dtype=torch.uint8, generator=g),

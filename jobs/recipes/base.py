@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from jobs.config_base import StrictModel
 from polyclip.data.datasets import Dataset
 from polyclip.data.splits import Split
 
@@ -98,10 +98,9 @@ class Payload:
         return len(self.class_names)
 
 
-class MethodParams(BaseModel):
+class MethodParams(StrictModel):
     """Base of every method's params: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     name: str
 
 

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from jobs.config_base import StrictModel
 from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from polyclip.augment.perturbation import perturbation_pipeline
 from polyclip.backbones import create_backbone
@@ -28,10 +29,9 @@ from polyclip.losses.ces import CESLoss
 from polyclip.methods.supervised import SupervisedTask
 
 
-class PerturbationParams(BaseModel):
+class PerturbationParams(StrictModel):
     """Arguments of :func:`polyclip.augment.perturbation.perturbation_pipeline` (same names, same defaults)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     noise_p: float = Field(0.1, ge=0, le=1, description="share of images with salt-and-pepper noise (paper: 0.1)")
     noise_amount: float = Field(0.05, ge=0, le=1)
     noise_salt_ratio: float = Field(0.5, ge=0, le=1)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from jobs.config_base import StrictModel
 from jobs.recipes.base import MethodParams, Payload, PrepareContext, Recipe, split_arrays
 from jobs.streaming import filter_min
 from polyclip.augment.fixmatch import fixmatch_strong, fixmatch_weak
@@ -45,8 +46,8 @@ from polyclip.methods.teacher import (
 logger = logging.getLogger("polyclip")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Section(StrictModel):
+    """A nested section of ``method:`` (unknown keys are errors, like every config section)."""
 
 
 class AdaptiveThresholdParams(_Section):

@@ -100,3 +100,13 @@ def test_pool_features_keep_every_row_resume_and_hit_without_pixels(ray_cluster,
     assert np.ptp(features[broken]) == 0 and (np.ptp(features[np.arange(41) != broken], axis=1) > 0).all()  # black
     again = train.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
     assert stats[spec][1]["hit"] and np.array_equal(again, features)
+
+
+def test_images_decode_at_the_backbones_input_size_unless_set():
+    def size(*overrides):
+        return train.decode_size(load_config(CONFIG, list(overrides)))
+
+    assert size("backbone.spec=efficientnet_lite:0") == 224  # the encoder's trained resolution, not 64
+    assert size("backbone.spec=efficientnet_lite:0", "backbone.image_size=112") == 112
+    assert size("backbone.spec=efficientnet_lite:0", "data.image_size=96") == 96
+    assert size("backbone.spec=random:small_cnn@8") == 64  # built from scratch: any size; the old default

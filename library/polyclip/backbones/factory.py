@@ -143,6 +143,21 @@ def cache_identity(spec: str) -> str:
     return f"{spec}#{stat.st_size}-{stat.st_mtime_ns}"
 
 
+def native_image_size(spec: str) -> int | None:
+    """The input side a spec's encoder was trained at; ``None`` for encoders built from scratch.
+
+    ``random:`` and ``pixels`` specs take any size (they have no trained input
+    resolution); every other spec is built once to read its preprocessing.
+
+    Example:
+        >>> native_image_size("random:small_cnn") is None, native_image_size("pixels") is None
+        (True, True)
+    """
+    if spec.partition(":")[0] in ("random", "pixels"):
+        return None
+    return int(create_backbone(spec).preprocessing.image_size)
+
+
 def has_trained_text_encoder(spec: str) -> bool:
     """Whether a spec's backbone has a text tower with trained weights (a CLIP with real weights).
 
