@@ -37,9 +37,9 @@ from pydantic import Field, model_validator
 from jobs.cli import job_parser, start_job
 from jobs.config import BackboneConfig, DataConfig
 from jobs.config_base import ConfigError, SafeName, StrictModel, apply_overrides, read_yaml_mapping, validate
+from jobs.data import load_split_data
 from jobs.features import cached_features
 from jobs.runtime import init_ray
-from jobs.train import load_split_data
 from polyclip.backbones import create_backbone, has_trained_text_encoder
 from polyclip.data.datasets import Dataset
 from polyclip.data.splits import Split

@@ -132,7 +132,7 @@ class _ReadRecorder:
 
 def prepare_recording_reads(cfg: Any) -> tuple[Any, set[str]]:
     """Load the data and run the recipe's ``prepare`` for ``cfg``; return the payload and the keys read."""
-    from jobs.train import load_data, prepare_payload
+    from jobs.data import load_data, prepare_payload
 
     reads: set[str] = set()
     recorder: Any = _ReadRecorder(cfg, "", reads)
@@ -273,7 +273,7 @@ def _start_trial(config: dict[str, Any], job: dict[str, Any], shared: dict[str, 
     (shared by every trial, or prepared here)."""
     from ray import tune
 
-    from jobs.train import load_data, prepare_payload
+    from jobs.data import load_data, prepare_payload
     from jobs.trainer import training_inputs
 
     # The trial id is stable across Tuner.restore, so a restarted trial resumes its Train run.

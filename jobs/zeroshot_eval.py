@@ -32,9 +32,9 @@ import yaml
 
 from jobs.cli import job_parser, start_job
 from jobs.config import ConfigError, JobConfig, load_config
+from jobs.data import load_data, prepare_payload
 from jobs.recipes.clip_zeroshot import build_head, zero_shot_scores
 from jobs.runtime import init_ray
-from jobs.train import load_data, prepare_payload
 from polyclip.backbones import create_backbone
 from polyclip.io import atomic_save_npz, atomic_write_text
 from polyclip.metrics.zero_shot import choose_unseen, zero_shot_report

@@ -25,9 +25,9 @@ import torch
 
 from jobs.benchmarks.common import announce, median, out_dir, summary, write_results
 from jobs.config import load_config
+from jobs.data import load_data
 from jobs.recipes import RECIPES, PrepareContext
 from jobs.semantics import label_similarity_for, semantic_metrics
-from jobs.train import load_data
 from polyclip.engine import evaluate
 from polyclip.engine.fit import fit_arrays
 from polyclip.reports.plots import bar_chart

@@ -9,7 +9,7 @@ EfficientNet-Lite0 features, each path in a fresh Python process so that its pea
   every file serially in the driver and stacks the pool there, then two encoder actors
   (``num_cpus=1``) pull chunks of 250 images from the driver.
 - ``new``: the job's path: ``load_split_data`` lists the folder and draws the split from
-  the listing (``split.parquet`` in the run folder), then ``jobs.train.pool_features``
+  the listing (``split.parquet`` in the run folder), then ``jobs.data.encode_pool``
   decodes the pool in Ray Data tasks and encodes it on an actor pool into the feature
   store. It is then run a second time: a cache hit, which reads the stored shards only.
 - ``plain``: what a user would write by hand: ``ray.data.read_images`` of the valid
@@ -101,7 +101,7 @@ def _job_config(folder: str, image_size: int, storage: str, out: str) -> Any:
 
 def measure_new(folder: str, image_size: int, storage: str) -> dict[str, Any]:
     """The job's path; ``storage`` (``run.storage_path``, local or ``s3://``) holds the feature store."""
-    from jobs.train import encode_pool, load_split_data
+    from jobs.data import encode_pool, load_split_data
 
     ray_start = start_ray()
     run_dir = Path(tempfile.mkdtemp(prefix="data-scale-"))  # the driver's run folder (split.parquet)

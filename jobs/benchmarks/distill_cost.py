@@ -32,8 +32,8 @@ import torch
 
 from jobs.benchmarks.common import announce, median, out_dir, pool_features, write_results
 from jobs.config import load_config
+from jobs.data import load_data
 from jobs.recipes import RECIPES, PrepareContext
-from jobs.train import load_data
 from polyclip.backbones import create_backbone
 from polyclip.engine import evaluate
 from polyclip.engine.fit import fit_arrays

@@ -34,9 +34,9 @@ import torch
 
 from jobs.benchmarks.common import announce, out_dir, write_results
 from jobs.config import load_config
+from jobs.data import load_data, prepare_payload
 from jobs.recipes import RECIPES
 from jobs.runtime import setup_logging
-from jobs.train import load_data, prepare_payload
 from jobs.trainer import build_streams, fit_settings
 from polyclip.backbones import Backbone, arch_spec, create_backbone, load_backbone, save_backbone
 from polyclip.data.splits import Split, make_split

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs import data as job_data
 from jobs import train
 from jobs.config import ConfigError, parse_config
 from jobs.language_comparison import load_comparison, table_row, write_table
@@ -30,7 +31,7 @@ def _cfg(**extra):
 
 
 def _ctx(cfg, class_names=None):
-    dataset, split = train.load_data(cfg)
+    dataset, split = job_data.load_data(cfg)
     if class_names is not None:
         dataset = dataclasses.replace(dataset, class_names=class_names)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs import data as job_data
 from jobs import train
 from jobs.config import load_config
 from jobs.recipes import RECIPES, PrepareContext
@@ -20,7 +21,7 @@ PIXEL_TEACHER = ["method.teacher.spec=pixels", "method.teacher.image_size=null",
 
 
 def pixel_context(cfg):
-    dataset, split = train.load_data(cfg)
+    dataset, split = job_data.load_data(cfg)
     pixels = create_backbone("pixels", in_chans=1)
 
     def features(spec, image_size, subset):

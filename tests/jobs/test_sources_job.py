@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs import data as job_data
 from jobs import train
 from jobs.config import load_config
 from jobs.sources import SourceDataset, load_source_data
@@ -88,23 +89,23 @@ def test_pool_features_keep_every_row_resume_and_hit_without_pixels(ray_cluster,
     """The teachers' input: one feature per pool file (a corrupt one encoded black and reported), then a hit."""
     labeled, pool = photo_folders
     cfg = load_config(CONFIG, _overrides(tmp_path, labeled, pool))
-    dataset, split = train.load_data(cfg, tmp_path / "run")
+    dataset, split = job_data.load_data(cfg, tmp_path / "run")
     stats: dict = {}
     spec, size = "pixels", 16
-    features = train.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
+    features = job_data.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
     assert features.shape[0] == 41  # 40 photos and broken.jpg: a row each
     first = stats[spec][0]
     assert not first["hit"] and first["decode_failures"]["skipped"] == 1
     assert first["decode_failures"]["paths"][0]["path"].endswith("broken.jpg")
     broken = [str(p) for p in dataset.pool_table.column("path").to_pylist()].index(str(pool / "broken.jpg"))
     assert np.ptp(features[broken]) == 0 and (np.ptp(features[np.arange(41) != broken], axis=1) > 0).all()  # black
-    again = train.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
+    again = job_data.pool_features(cfg, dataset, split, spec, size, stats, use_gpu=False)
     assert stats[spec][1]["hit"] and np.array_equal(again, features)
 
 
 def test_images_decode_at_the_backbones_input_size_unless_set():
     def size(*overrides):
-        return train.decode_size(load_config(CONFIG, list(overrides)))
+        return job_data.decode_size(load_config(CONFIG, list(overrides)))
 
     assert size("backbone.spec=efficientnet_lite:0") == 224  # the encoder's trained resolution, not 64
     assert size("backbone.spec=efficientnet_lite:0", "backbone.image_size=112") == 112
