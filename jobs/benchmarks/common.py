@@ -116,15 +116,14 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 def feature_cache_key(spec: str, image_size: int | None, dataset: Dataset, pool: str, indices: np.ndarray) -> str:
     """The feature store key of ``jobs.features.cached_features`` for these images.
 
-    Builds the backbone to read its preprocessing key; the weights stamp makes a
+    Builds the backbone to read its preprocessing key; the spec's cache identity makes a
     ``checkpoint:`` spec's entry change when its weights do.
     """
-    from jobs.features import weights_stamp
-    from polyclip.backbones import create_backbone
+    from polyclip.backbones import cache_identity, create_backbone
     from polyclip.features.cache import feature_key
 
     preprocessing = create_backbone(spec, image_size=image_size).preprocessing.key()
-    return feature_key(spec + weights_stamp(spec), preprocessing, dataset.fingerprint, pool, indices)
+    return feature_key(cache_identity(spec), preprocessing, dataset.fingerprint, pool, indices)
 
 
 def pool_features(cache: FeatureCache, dataset: Dataset, spec: str, image_size: int | None, pool: str,
