@@ -583,7 +583,7 @@ def predict(state: FitState, x: np.ndarray) -> np.ndarray:
     state.module.eval()
     amp, _ = resolve_precision(state.settings.precision, state.device)
     with torch.autocast(state.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return evaluate_sharded(state.module.predict, x, device=state.device,  # type: ignore[operator]
+        return evaluate_sharded(state.module.predict, x, device=state.device,  # type: ignore[arg-type]
                                 batch_size=state.settings.eval_batch_size, rank=state.rank, world=state.world,
                                 channels_last=state.settings.channels_last and state.device.type == "cuda")
 
